@@ -50,3 +50,14 @@ def attend(q, k, v, mask=None, scale=None, backend: str = "sdpa"):
         out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
         return out.transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def attend_varlen(q, k, v, lens, scale=None, backend: str = "sdpa"):
+    """Each sample b attends to its first lens[b] keys only (flash-attn varlen semantics).
+    q: [B,H,Lq,c]; k/v: [B,H,Lk_max,c] zero-padded; lens: list of ints. Computed per sample on the
+    unpadded keys, as the official varlen kernel does, so the reduction order does not depend on
+    the longest prompt of the batch."""
+    if all(n == k.shape[2] for n in lens):
+        return attend(q, k, v, scale=scale, backend=backend)
+    return torch.cat([attend(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], scale=scale, backend=backend)
+                      for b, n in enumerate(lens)])

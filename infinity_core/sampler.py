@@ -209,8 +209,7 @@ def sample(model: Infinity, kv_compact: torch.Tensor, cu_seqlens: torch.Tensor, 
                 keep = mask.to(device).bool().view(-1, 1, hv, wv, 1).expand_as(bits)
                 bits = torch.where(keep, forced, bits)
 
-        up = bsq.resize_bilinear(bsq.codes_from_bits(bits, d), final_hw)   # [B, d, H_lat, W_lat]
-        summed = up if summed is None else summed.add_(up)                 # official layout and order
+        summed = bsq.add_codes(summed, bits, final_hw)                     # [B, d, H_lat, W_lat]
         result.summed_codes = summed
         result.bits.append(bits.to(torch.uint8))
         if record:

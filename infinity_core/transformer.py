@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import schedules as S
-from .attention import attend, resolve_backend
+from .attention import attend, attend_varlen, resolve_backend
 from .rope import apply_rope, rope_cos_sin
 from .zoo import TransformerConfig
 
@@ -107,19 +107,19 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(C, C)
 
     def text_kv(self, ca_memory, cu_seqlens, precision):
-        """Keys/values of the packed text memory [N, C] -> padded ([B,H,Lk,c], [B,H,Lk,c], [B,1,1,Lk])."""
+        """Keys/values of the packed text memory [N, C] -> ([B,H,Lk,c], [B,H,Lk,c] zero-padded, lens)."""
         bias = torch.cat((self.zero_k_bias, self.v_bias)).to(ca_memory.dtype)
         kv = _round_bf16(F.linear(ca_memory.to(self.mat_kv.weight.dtype), self.mat_kv.weight, bias.to(self.mat_kv.weight.dtype)), precision)
         kv, valid = pad_packed(kv, cu_seqlens)                          # [B, Lk, 2C]
         B, Lk, _ = kv.shape
         k, v = kv.view(B, Lk, 2, self.H, self.c).permute(2, 0, 3, 1, 4).unbind(0)
-        return k, v, valid[:, None, None, :]
+        return k, v, valid.sum(1).tolist()
 
     def forward(self, x, text_kv, precision="bf16", backend="sdpa"):
         B, L, C = x.shape
-        k, v, mask = text_kv
+        k, v, lens = text_kv
         q = _round_bf16(self.mat_q(x), precision).view(B, L, self.H, self.c).transpose(1, 2)
-        o = attend(q, k.to(q.dtype), v.to(q.dtype), mask=mask, scale=1 / math.sqrt(self.c), backend=backend)
+        o = attend_varlen(q, k.to(q.dtype), v.to(q.dtype), lens, scale=1 / math.sqrt(self.c), backend=backend)
         o = _round_bf16(o, precision)
         return self.proj(o.transpose(1, 2).reshape(B, L, C))
 
@@ -187,7 +187,7 @@ class TextPool(nn.Module):
         Lk = kv.shape[1]
         k, v = kv.view(B, Lk, 2, self.H, self.c).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, Lk, c]
         q = _round_bf16(self.mat_q.float(), precision).expand(B, -1, -1).unsqueeze(2)  # [B, H, 1, c]
-        o = attend(q, k, v, mask=valid[:, None, None, :], scale=1 / math.sqrt(self.c))
+        o = attend_varlen(q, k, v, valid.sum(1).tolist(), scale=1 / math.sqrt(self.c))
         o = _round_bf16(o, precision).transpose(1, 2).reshape(B, self.H * self.c)
         return _linear32(o, self.proj)                                   # [B, C]
 
@@ -235,7 +235,7 @@ class TextContext:
     """Everything the blocks need from the text, computed once per prompt batch."""
     cond: torch.Tensor                 # [bs, C] pooled text: start token and adaLN/head condition
     gss: torch.Tensor                  # [bs, 1, 6, C] shared adaLN table
-    ca_kv: list                        # per block (k, v, key_mask), k/v [bs, H, Lk, c]
+    ca_kv: list                        # per block (k, v, lens), k/v [bs, H, Lk_max, c] zero-padded
     cu_seqlens: torch.Tensor
 
 

@@ -1,0 +1,147 @@
+"""Generation speed on this machine, measured side by side with the fp32 matmul rate.
+
+For each case (random weights of real shapes): seconds per image, per scale (transformer and VAE
+decode separately), transformer tokens/s, effective GFLOP/s of the transformer and of the VAE
+decoder as a fraction of the matmul rate measured in the same run, peak RSS. FLOPs are counted by
+torch.utils.flop_counter on the very same calls. Optional speed modes print their speed-up and how
+many bits differ from the exact mode at the same seed.
+
+    python bench/generate.py                      # layer12 256+512, 2B 256
+    python bench/generate.py --cases layer12_256  # one case
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from infinity_core import schedules as S  # noqa: E402
+from infinity_core.sampler import sample  # noqa: E402
+from infinity_core.transformer import Infinity  # noqa: E402
+from infinity_core.vae import BSQVAE  # noqa: E402
+from infinity_core.zoo import TRANSFORMERS, VAES  # noqa: E402
+
+CASES = {
+    "layer12_256": ("infinity_layer12", "infinity_vae_d32", "0.06M"),
+    "layer12_512": ("infinity_layer12", "infinity_vae_d32", "0.25M"),
+    "2b_256": ("infinity_2b", "infinity_vae_d32reg", "0.06M"),
+}
+
+
+def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def random_init_(module: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.02, generator=g)
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def run_case(name: str, reps: int, cfg: float, modes: list[str]) -> dict:
+    tname, vname, tier = CASES[name]
+    tcfg = TRANSFORMERS[tname]
+    with torch.device("meta"):
+        model = Infinity(tcfg)
+        vae = BSQVAE(VAES[vname])
+    model.to_empty(device="cpu"), vae.to_empty(device="cpu")
+    random_init_(model), random_init_(vae, 1)
+    for b in model.modules():
+        for n, buf in b.named_buffers(recurse=False):
+            if n == "zero_k_bias":
+                buf.zero_()
+    model.eval(), vae.eval()
+    schedule = S.get_schedule(1.0, tier)
+    text = torch.randn(24, tcfg.text_channels) * 0.3
+    cu = torch.tensor([0, 24], dtype=torch.int32)
+    run = lambda **kw: sample(model, text, cu, schedule, cfg=cfg, tau=1.0, seed=0, **kw)  # noqa: E731
+
+    with FlopCounterMode(display=False) as fc:
+        res = run()
+    t_flops = fc.get_total_flops()
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        vae.decode(res.summed_codes)
+    v_flops = fc.get_total_flops()
+
+    t_times, v_times, rates, per_scale = [], [], [], None
+    for _ in range(reps):
+        rates.append(matmul_gflops())
+        marks = []
+        res, t_s = timed(lambda: run(callback=lambda si, b, p: marks.append(time.perf_counter())))
+        starts = [marks[0] - (marks[0] - (marks[-1] - t_s))] + marks[:-1]
+        per_scale = [round(e - s, 3) for s, e in zip(starts, marks)]
+        with torch.inference_mode():
+            _, v_s = timed(lambda: vae.decode(res.summed_codes))
+        t_times.append(t_s), v_times.append(v_s)
+        rates.append(matmul_gflops())
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    rate, t_s, v_s = med(rates), med(t_times), med(v_times)
+    tokens = S.token_count(schedule) * (2 if cfg != 1 else 1)
+    out = {
+        "case": name, "image": "x".join(map(str, S.image_size(schedule))), "cfg": cfg,
+        "matmul_gflops": round(rate, 1),
+        "transformer_s": round(t_s, 3), "vae_decode_s": round(v_s, 3), "per_image_s": round(t_s + v_s, 3),
+        "transformer_per_scale_s": per_scale,
+        "transformer_tokens_per_s": round(tokens / t_s, 1),
+        "transformer_tflop": round(t_flops / 1e12, 3), "vae_tflop": round(v_flops / 1e12, 3),
+        "transformer_gflops": round(t_flops / t_s / 1e9, 1),
+        "transformer_frac_of_matmul": round(t_flops / t_s / 1e9 / rate, 3),
+        "vae_gflops": round(v_flops / v_s / 1e9, 1),
+        "vae_frac_of_matmul": round(v_flops / v_s / 1e9 / rate, 3),
+        "peak_rss_gib": round(peak_rss_gib(), 2),
+    }
+    exact = res
+    for mode in modes:
+        if mode.startswith("cfg_off_from_"):
+            k = int(mode.rsplit("_", 1)[1])
+            cfg_list = [cfg if i < k else 1.0 for i in range(len(schedule))]
+            fast, s = timed(lambda: sample(model, text, cu, schedule, cfg=cfg_list, tau=1.0, seed=0))
+        else:
+            raise SystemExit(f"unknown mode {mode}")
+        differ = sum(int((a != b).sum()) for a, b in zip(fast.bits, exact.bits))
+        total = sum(b.numel() for b in exact.bits)
+        out[f"mode_{mode}"] = {"seconds": round(s, 3), "speedup": round(t_s / s, 2),
+                               "bits_differing": differ, "bits_total": total}
+    del model, vae
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--reps", type=int, default=3, help="repetitions; medians are printed")
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--modes", nargs="*", default=["cfg_off_from_5"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in args.cases:
+        print(json.dumps(run_case(name, args.reps, args.cfg, args.modes)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -49,3 +49,34 @@ def random_text(B: int, lens=None, width: int = 128, seed: int = 0):
     kv = torch.randn(sum(lens), width, generator=g) * 0.3
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
     return kv, cu
+
+
+CAPTION_WORDS = ("a small big red blue green yellow purple orange white black circle square triangle star "
+                 "on the left right top bottom centre background and two of cat dog photo").split()
+
+
+def tiny_t5_folder(path, d_model: int = 128, seed: int = 0):
+    """A Hugging Face T5 encoder folder (config.json, model.safetensors, spiece.model) with seeded
+    weights and a sentencepiece tokenizer trained on the fly (pad 0, eos 1, unk 2 like T5)."""
+    import random
+    from pathlib import Path
+
+    import sentencepiece as spm
+    import transformers
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    sents = [" ".join(rng.choice(CAPTION_WORDS) for _ in range(rng.randint(3, 10))) for _ in range(300)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sents), model_prefix=str(path / "spiece"), vocab_size=96,
+                                   hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    (path / "spiece.vocab").unlink()
+    cfg = transformers.T5Config(vocab_size=96, d_model=d_model, d_ff=2 * d_model, d_kv=32, num_heads=d_model // 32,
+                                num_layers=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = transformers.T5EncoderModel(cfg).eval()
+    cfg.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"},
+              str(path / "model.safetensors"))
+    return path

@@ -104,9 +104,3 @@ def vae_schedule(schedule: Schedule, patchify: bool) -> Schedule:
     """The VAE latent grid of each scale: 2x the token grid when 2x2 patchify is on (8B)."""
     f = 2 if patchify else 1
     return [(t, f * h, f * w) for t, h, w in schedule]
-
-
-def describe(template: float, tier: str) -> str:
-    """A label like '16:9 (1344x768)' style: 'h/w 0.571 (768x1344 WxH)'."""
-    h, w = _pixels_of(template, tier)
-    return f"{w}x{h}"

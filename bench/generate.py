@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infinity_core import schedules as S  # noqa: E402
 from infinity_core.sampler import sample  # noqa: E402
+from infinity_core.speed import quantize_int8  # noqa: E402
 from infinity_core.transformer import Infinity  # noqa: E402
 from infinity_core.vae import BSQVAE  # noqa: E402
 from infinity_core.zoo import TRANSFORMERS, VAES  # noqa: E402
@@ -89,10 +90,9 @@ def run_case(name: str, reps: int, cfg: float, modes: list[str]) -> dict:
     t_times, v_times, rates, per_scale = [], [], [], None
     for _ in range(reps):
         rates.append(matmul_gflops())
-        marks = []
+        marks = [time.perf_counter()]
         res, t_s = timed(lambda: run(callback=lambda si, b, p: marks.append(time.perf_counter())))
-        starts = [marks[0] - (marks[0] - (marks[-1] - t_s))] + marks[:-1]
-        per_scale = [round(e - s, 3) for s, e in zip(starts, marks)]
+        per_scale = [round(e - s, 3) for s, e in zip(marks[:-1], marks[1:])]
         with torch.inference_mode():
             _, v_s = timed(lambda: vae.decode(res.summed_codes))
         t_times.append(t_s), v_times.append(v_s)
@@ -118,7 +118,14 @@ def run_case(name: str, reps: int, cfg: float, modes: list[str]) -> dict:
         if mode.startswith("cfg_off_from_"):
             k = int(mode.rsplit("_", 1)[1])
             cfg_list = [cfg if i < k else 1.0 for i in range(len(schedule))]
-            fast, s = timed(lambda: sample(model, text, cu, schedule, cfg=cfg_list, tau=1.0, seed=0))
+            fast, s = timed(lambda: sample(model, text, cu, schedule, cfg=cfg_list, tau=1.0, seed=0,
+                                           drop_unconditional=True))
+        elif mode == "int8":
+            import copy
+            qmodel = quantize_int8(copy.deepcopy(model))
+            sample(qmodel, text, cu, schedule, cfg=cfg, tau=1.0, seed=0)  # warm-up
+            fast, s = timed(lambda: sample(qmodel, text, cu, schedule, cfg=cfg, tau=1.0, seed=0))
+            del qmodel
         else:
             raise SystemExit(f"unknown mode {mode}")
         differ = sum(int((a != b).sum()) for a, b in zip(fast.bits, exact.bits))
@@ -134,7 +141,8 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--reps", type=int, default=3, help="repetitions; medians are printed")
     p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--modes", nargs="*", default=["cfg_off_from_5"])
+    p.add_argument("--modes", nargs="*", default=["cfg_off_from_5", "int8"],
+                   help="speed modes: cfg_off_from_N (guidance off from scale N, unconditional half dropped), int8")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = p.parse_args()
     if args.threads:

@@ -122,7 +122,7 @@ def sample(model: Infinity, kv_compact: torch.Tensor, cu_seqlens: torch.Tensor, 
            negative: tuple | None = None, cfg_insertion_layer: int = 0,
            forced_bits: Sequence[torch.Tensor] = (), forced_masks: Sequence[torch.Tensor | None] = (),
            stop_after: int | None = None, callback: Callable | None = None,
-           record: bool = False, vae=None) -> SampleResult:
+           record: bool = False, vae=None, drop_unconditional: bool = False) -> SampleResult:
     """Generate bits along `schedule` for B prompts given as packed T5 features.
 
     cfg / tau: one number or one value per scale. `negative`: (kv_compact, cu_seqlens) of negative
@@ -133,6 +133,8 @@ def sample(model: Infinity, kv_compact: torch.Tensor, cu_seqlens: torch.Tensor, 
     so its cache holds the forced context. `stop_after=k` stops after scale k (preview).
     `callback(si, bits, preview)` is called after every scale; `preview()` decodes the partial
     result cheaply at that scale's resolution (needs `vae`); it may raise to interrupt.
+    `drop_unconditional` (speed mode, not official): once every remaining scale has cfg 1, stop
+    running the unconditional half through the blocks (the official sampler keeps running it).
     """
     cfgm = model.cfg
     K = len(schedule)
@@ -179,6 +181,8 @@ def sample(model: Infinity, kv_compact: torch.Tensor, cu_seqlens: torch.Tensor, 
     next_tokens = None
     last = K - 1 if stop_after is None else min(stop_after, K - 1)
     for si in range(last + 1):
+        if drop_unconditional and use_cfg and all(c == 1 for c in cfg_list[si:]):
+            text, use_cfg = _keep_rows(text, caches, B), False
         _, h, w = schedule[si]
         _, hv, wv = vae_sched[si]
         cfg_si, tau_si = cfg_list[si], tau_list[si]
@@ -226,6 +230,14 @@ def sample(model: Infinity, kv_compact: torch.Tensor, cu_seqlens: torch.Tensor, 
                 return to_rgb01(vae.decode(small.to(next(vae.parameters()).dtype)))
             callback(si, result.bits[-1], preview)
     return result
+
+
+def _keep_rows(text, caches, B):
+    """The text context and KV caches of the first B rows (the conditional half)."""
+    for c in caches:
+        c.k, c.v = c.k[:B], c.v[:B]
+    ca_kv = [(k[:B], v[:B], lens[:B]) for k, v, lens in text.ca_kv]
+    return type(text)(cond=text.cond[:B], gss=text.gss[:B], ca_kv=ca_kv, cu_seqlens=text.cu_seqlens[:B + 1])
 
 
 def to_rgb01(decoded: torch.Tensor) -> torch.Tensor:

@@ -140,3 +140,18 @@ def test_forced_encoded_image_logits_equal_teacher_forced_forward(tcfg, vcfg, ra
         start += h * w
     for si in range(1, len(sched)):
         torch.testing.assert_close(res.next_inputs[si - 1], x_in[:, sum(h * w for _, h, w in sched[1:si]):][:, :sched[si][1] * sched[si][2]], atol=1e-6, rtol=0)
+
+
+def test_speed_modes_stay_close_to_exact(model, text):
+    import copy
+    from infinity_core.speed import quantize_int8
+    cfg = SM.off_from(3.0, 4, len(SCHED))
+    exact = SM.sample(model, *text, SCHED, cfg=cfg, seed=2)
+    fast = SM.sample(model, *text, SCHED, cfg=cfg, seed=2, drop_unconditional=True)
+    assert all(torch.equal(a, b) for a, b in zip(exact.bits[:4], fast.bits[:4]))
+    total = sum(b.numel() for b in exact.bits)
+    assert sum(int((a != b).sum()) for a, b in zip(exact.bits, fast.bits)) < 0.01 * total
+    q = quantize_int8(copy.deepcopy(model))
+    assert not isinstance(q.blocks[0].ffn.fc1, torch.nn.Linear)
+    q_res = SM.sample(q, *text, SCHED, cfg=cfg, seed=2)
+    assert sum(int((a != b).sum()) for a, b in zip(exact.bits, q_res.bits)) < 0.2 * total

@@ -223,10 +223,11 @@ def sample(model: Infinity, kv_compact: torch.Tensor, cu_seqlens: torch.Tensor, 
             if record:
                 result.next_inputs.append(next_tokens)
         if callback is not None:
-            def preview(_hw=(hv, wv)):
+            def preview(latent_hw=(hv, wv)):
+                """The partial result decoded at `latent_hw` latent cells (default: this scale's grid)."""
                 if vae is None:
                     return None
-                small = bsq.resize_bilinear(summed, _hw)
+                small = bsq.resize_bilinear(summed, latent_hw)
                 return to_rgb01(vae.decode(small.to(next(vae.parameters()).dtype)))
             callback(si, result.bits[-1], preview)
     return result

@@ -7,12 +7,22 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import model_paths
+from .loader_nodes import NODES as _LOADER_NODES
+from .sampler_node import NODES as _SAMPLER_NODES
 from .schedule_node import NODES as _SCHEDULE_NODES
+from .text_nodes import NODES as _TEXT_NODES
+from .vae_nodes import NODES as _VAE_NODES
+
+model_paths.register_folders()
+
+# Order of the Infinity menu: loaders, prompt, size, sampling, decoding.
+ALL_NODES: list[type[io.ComfyNode]] = [*_LOADER_NODES, *_TEXT_NODES, *_SCHEDULE_NODES, *_SAMPLER_NODES, *_VAE_NODES]
 
 
 class InfinityExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*_SCHEDULE_NODES]
+        return list(ALL_NODES)
 
 
 async def comfy_entrypoint() -> InfinityExtension:

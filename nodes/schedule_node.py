@@ -54,7 +54,50 @@ def _check_choice(name: str, value, options) -> None:
     # ComfyUI 0.3.75 does not check V3 combo values against their options at POST /prompt (only V1
     # list-typed combos are checked), so an API client can send anything: refuse it clearly here.
     if value not in options:
-        raise ValueError(f"{name} {value!r} is not one of {list(options)}")
+        raise ValueError(f"Infinity Scale Schedule: {name} {value!r} is not one of {list(options)}")
+
+
+# 'width/height' requests are snapped to the nearest of the 60 sizes. A request so far from all of them
+# that the snapped image would not resemble it is refused instead ("absurd"): an aspect ratio beyond
+# 1:MAX_RATIO or MAX_RATIO:1 (twice the widest/tallest template, 1:3 and 3:1), or a pixel count more
+# than MAX_AREA_FACTOR times off the snapped size (each side off by more than 4x: below 64x64 or above
+# 4096x4096 for 1:1). web/schedule_math.js applies the same rule.
+MAX_RATIO = 6.0
+MAX_AREA_FACTOR = 16.0
+
+
+def absurd_size_error(width: int, height: int) -> str | None:
+    """Why width x height cannot be snapped to a valid size, or None when it can."""
+    if width <= 0 or height <= 0:
+        return f"width and height must be positive, got {width}x{height}"
+    if max(width / height, height / width) > MAX_RATIO:
+        return (f"{width}x{height} has an aspect ratio (width:height) of {_ratio_text(width, height)}; Infinity "
+                f"draws ratios from 1:3 to 3:1, and a request beyond 1:{MAX_RATIO:g} or {MAX_RATIO:g}:1 is refused "
+                f"rather than distorted. Ask for a ratio in that range (it is snapped to the nearest template)")
+    schedule, template, tier = schedules.schedule_for_size(width, height)
+    sh, sw = schedules.image_size(schedule)
+    factor = max(sh * sw / (width * height), width * height / (sh * sw))
+    if factor > MAX_AREA_FACTOR:
+        side = "smallest" if sh * sw > width * height else "largest"
+        return (f"{width}x{height} ({width * height:,} pixels) is far from every size Infinity draws: the {side} "
+                f"size at this ratio is {sw}x{sh} ({sh * sw:,} pixels, {factor:.0f}x "
+                f"{'more' if side == 'smallest' else 'fewer'}). Sizes are snapped only within a factor "
+                f"{MAX_AREA_FACTOR:g} of the pixel count: ask for between about "
+                f"{_tier_bound(template, '0.06M', 1 / MAX_AREA_FACTOR)} and "
+                f"{_tier_bound(template, '1M', MAX_AREA_FACTOR)}, or use 'aspect ratio' mode")
+    return None
+
+
+def _ratio_text(width: int, height: int) -> str:
+    r = max(width, height) / min(width, height)
+    r_text = f"{r:.0f}" if r >= 10 else f"{r:.2f}".rstrip("0").rstrip(".")
+    return f"{r_text}:1" if width >= height else f"1:{r_text}"
+
+
+def _tier_bound(template: float, tier: str, area_factor: float) -> str:
+    h, w = schedules.image_size(schedules.get_schedule(template, tier))
+    k = area_factor ** 0.5
+    return f"{round(w * k)}x{round(h * k)}"
 
 
 def resolve(mode: str, aspect_ratio: str, tier: str, width: int, height: int) -> dict:
@@ -65,6 +108,9 @@ def resolve(mode: str, aspect_ratio: str, tier: str, width: int, height: int) ->
     if mode == MODE_ASPECT:
         template = ASPECT_LABELS[aspect_ratio]
         return schedule_value(schedules.get_schedule(template, tier), template, tier)
+    problem = absurd_size_error(int(width), int(height))
+    if problem:
+        raise ValueError(f"Infinity Scale Schedule: {problem}")
     # Nearest template to height/width, and the tier whose pixel area is nearest width*height.
     schedule, template, picked_tier = schedules.schedule_for_size(int(width), int(height))
     return schedule_value(schedule, template, picked_tier)
@@ -82,7 +128,8 @@ class InfinityScaleSchedule(io.ComfyNode):
                 "token grids the model draws, from 1x1 up to the final grid (16 pixels per token). "
                 "Infinity can only draw 60 sizes: 15 aspect-ratio templates at 4 pixel budgets "
                 "(0.06M, 0.25M, 0.60M, 1M pixels; 7, 10, 12 or 13 scales). Pick a ratio and a tier, or "
-                "type a width and height and get the nearest valid size. Connect scale_schedule to the "
+                "type a width and height and get the nearest valid size (a request more than 4x off in "
+                "each side, or beyond a 1:6..6:1 ratio, is refused). Connect scale_schedule to the "
                 "Infinity sampler; width and height report the size that will really be drawn."),
             inputs=[
                 io.Combo.Input(

@@ -205,6 +205,8 @@ fi
 
 # ------------------------------------------------------------------------------- 5. env file
 ENV_FILE="$VENV/comfyui-infinity.env"
+# Without --with-cli keep a comfy-cli installed by an earlier run (do not forget it).
+if [ -z "$COMFY_CLI" ] && [ -x "$DEFAULT_CLI_VENV/bin/comfy" ]; then COMFY_CLI="$DEFAULT_CLI_VENV/bin/comfy"; fi
 write_env() {
   cat > "$1" <<EOF
 # written by ComfyUI-Infinity scripts/setup_comfyui.sh

@@ -31,7 +31,8 @@ if _TESTS_DIR not in sys.path:
 from comfy_server import ComfyError, ComfyServer  # noqa: E402
 
 COMFY_PLUGIN_NAME = "ComfyUI-Infinity"
-COMFY_EXPECT_NODES = ["InfinityScaleSchedule"]
+COMFY_EXPECT_NODES = ["InfinityModelLoader", "InfinityTextEncoderLoader", "InfinityTextEncode",
+                      "InfinityScaleSchedule", "InfinitySampler", "InfinityVAEDecode", "InfinityVAEEncode"]
 
 
 class _Unprovisioned(Exception):

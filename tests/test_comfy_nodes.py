@@ -138,7 +138,7 @@ def test_schedule_node_schema_in_object_info(comfy_server):
 def test_web_extension_is_served(comfy_server):
     status, listed, _ = comfy_server.request("GET", "/extensions")
     assert status == 200
-    for name in ("infinity.js", "schedule_math.js"):
+    for name in ("infinity.js", "schedule_math.js", "sampler_math.js"):
         url = f"/extensions/{PACK}/{name}"
         assert url in listed, f"{url} not in /extensions: {[u for u in listed if PACK in u]}"
         status, raw, ctype = comfy_server.get_file(url)
@@ -181,7 +181,7 @@ def test_aspect_ratio_mode_runs_through_prompt_and_history(comfy_server):
 
 
 def test_width_height_mode_snaps_to_nearest_valid_size(comfy_server):
-    sizes = [(1920, 1080), (500, 500), (16, 16384), (700, 1000), (3000, 2000)]
+    sizes = [(1920, 1080), (500, 500), (600, 3000), (700, 1000), (3000, 2000)]
     cases = [schedule_inputs(mode="width/height", aspect_ratio="1:1 (1024x1024)", tier="0.06M", width=w, height=h)
              for w, h in sizes]
     got = preview_results(run_ok(comfy_server, preview_graph(cases)), len(cases))
@@ -201,8 +201,11 @@ def test_web_math_matches_the_node(comfy_server, tmp_path):
     cases = [schedule_inputs(aspect_ratio=label, tier=tier)
              for label in info["aspect_ratio"][1]["options"] for tier in info["tier"][1]["options"]]
     cases += [schedule_inputs(mode="width/height", width=w, height=h)
-              for w, h in [(16, 16), (256, 256), (640, 480), (1024, 576), (1080, 1920), (2048, 512),
-                           (512, 2048), (1200, 1200), (900, 1600), (333, 1000), (16384, 16), (777, 555)]]
+              for w, h in [(64, 64), (256, 256), (640, 480), (1024, 576), (1080, 1920), (2048, 512),
+                           (512, 2048), (1200, 1200), (900, 1600), (333, 1000), (4096, 4096), (777, 555),
+                           (96, 576), (6000, 1000)]]
+    absurd = [schedule_inputs(mode="width/height", width=w, height=h)
+              for w, h in [(16, 16), (63, 63), (16384, 16), (16, 2048), (97, 600), (4100, 4100), (16384, 16384)]]
     got = preview_results(run_ok(comfy_server, preview_graph(cases)), len(cases))
 
     script = tmp_path / "compute.mjs"
@@ -212,9 +215,17 @@ def test_web_math_matches_the_node(comfy_server, tmp_path):
         f"const table = JSON.parse(fs.readFileSync({json.dumps(os.path.join(REPO, 'web', 'schedules.json'))}, 'utf8'));\n"
         "const cases = JSON.parse(fs.readFileSync(0, 'utf8'));\n"
         "console.log(JSON.stringify(cases.map((c) => computeSchedule(table, c))));\n")
-    r = subprocess.run([node_bin, str(script)], input=json.dumps(cases), capture_output=True, text=True, timeout=60)
+    r = subprocess.run([node_bin, str(script)], input=json.dumps(cases + absurd), capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 0, r.stderr
     js = json.loads(r.stdout)
+    # sizes the node refuses as absurd: the page shows an error for exactly those
+    for case, j in zip(absurd, js[len(cases):]):
+        assert "error" in j, (case, j)
+        entry = comfy_server.run(preview_graph([case]), timeout=60)
+        assert entry["status"]["status_str"] == "error", case
+        (_, data), = comfy_server.messages(entry, "execution_error")
+        assert data["exception_message"].startswith("Infinity Scale Schedule: "), data["exception_message"]
     for case, res, j in zip(cases, got, js):
         v = res["value"]
         assert "error" not in j, (case, j)
@@ -273,5 +284,113 @@ def test_unknown_choice_fails_naming_node_and_input(comfy_server, input_name, va
         assert entry["status"]["status_str"] == "error"
         (_, data), = comfy_server.messages(entry, "execution_error")
         assert (data["node_id"], data["node_type"], data["exception_type"]) == ("1", NODE, "ValueError")
-        assert data["exception_message"].startswith(f"{input_name} {value!r} is not one of")
+        assert data["exception_message"].startswith(f"Infinity Scale Schedule: {input_name} {value!r} is not one of")
     assert_server_keeps_serving(comfy_server)
+
+
+# ------------------------------------------------------------------ every node of the pack
+# node id -> (display name, category, required inputs [(name, type)], optional inputs, outputs [(name, type)])
+NODE_SCHEMAS = {
+    "InfinityModelLoader": ("Load Infinity Model", "Infinity",
+                            [("transformer", "COMBO"), ("vae", "COMBO"), ("weight_dtype", "COMBO"),
+                             ("attention", "COMBO")], [], [("model", "INFINITY_MODEL")]),
+    "InfinityTextEncoderLoader": ("Load Infinity Text Encoder", "Infinity",
+                                  [("text_encoder", "COMBO"), ("dtype", "COMBO")], [],
+                                  [("text_encoder", "INFINITY_TEXT_ENCODER")]),
+    "InfinityTextEncode": ("Infinity Text Encode", "Infinity",
+                           [("text_encoder", "INFINITY_TEXT_ENCODER"), ("prompt", "STRING")], [],
+                           [("conditioning", "INFINITY_CONDITIONING")]),
+    "InfinityScaleSchedule": ("Infinity Scale Schedule", "Infinity",
+                              [("mode", "COMBO"), ("aspect_ratio", "COMBO"), ("tier", "COMBO"), ("width", "INT"),
+                               ("height", "INT")], [],
+                              [("scale_schedule", "INFINITY_SCALE_SCHEDULE"), ("width", "INT"), ("height", "INT")]),
+    "InfinitySampler": ("Infinity Sampler", "Infinity",
+                        [("model", "INFINITY_MODEL"), ("positive", "INFINITY_CONDITIONING"),
+                         ("scale_schedule", "INFINITY_SCALE_SCHEDULE"), ("seed", "INT"), ("cfg", "FLOAT"),
+                         ("cfg_list", "STRING"), ("tau", "FLOAT"), ("tau_list", "STRING"), ("top_k", "INT"),
+                         ("top_p", "FLOAT"), ("cfg_insertion_layer", "INT"), ("batch_size", "INT")],
+                        [("negative", "INFINITY_CONDITIONING")], [("codes", "INFINITY_CODES")]),
+    "InfinityVAEDecode": ("Infinity VAE Decode", "Infinity", [("model", "INFINITY_MODEL"), ("codes", "INFINITY_CODES")],
+                          [], [("IMAGE", "IMAGE")]),
+    "InfinityVAEEncode": ("Infinity VAE Encode", "Infinity",
+                          [("model", "INFINITY_MODEL"), ("image", "IMAGE"),
+                           ("scale_schedule", "INFINITY_SCALE_SCHEDULE")], [], [("codes", "INFINITY_CODES")]),
+}
+
+
+def _type_of(spec) -> str:
+    return "COMBO" if isinstance(spec[0], list) else spec[0]
+
+
+@pytest.mark.parametrize("node", list(NODE_SCHEMAS))
+def test_every_node_in_object_info_with_its_inputs_and_outputs(comfy_server, node):
+    display, category, required, optional, outputs = NODE_SCHEMAS[node]
+    info = comfy_server.node_info(node)
+    assert info["display_name"] == display
+    assert info["category"] == category or info["category"].startswith("Infinity/")
+    assert info["python_module"] == f"custom_nodes.{PACK}"
+    assert len(info["description"]) > 80, info["description"]
+    assert info["input_order"].get("required", []) == [n for n, _ in required]
+    assert info["input_order"].get("optional", []) == [n for n, _ in optional]
+    for section, declared in (("required", required), ("optional", optional)):
+        for name, typ in declared:
+            spec = info["input"][section][name]
+            assert _type_of(spec) == typ, (name, spec)
+            assert len(spec[1].get("tooltip") or "") > 20, f"input {name} of {node} has no tooltip"
+    assert list(zip(info["output_name"], info["output"])) == outputs
+    assert all(info["output_tooltips"]), info["output_tooltips"]
+    assert info["output_node"] is False
+
+
+def test_sampler_widgets(comfy_server):
+    req = comfy_server.node_info("InfinitySampler")["input"]["required"]
+    seed = req["seed"][1]
+    assert seed["control_after_generate"] is True and (seed["min"], seed["max"]) == (0, 2**64 - 1)
+    assert "seed + i" in seed["tooltip"]
+    assert (req["cfg"][1]["default"], req["tau"][1]["default"]) == (3.0, 1.0)
+    assert (req["top_k"][1]["default"], req["top_p"][1]["default"]) == (900, 0.97)
+    assert (req["batch_size"][1]["min"], req["batch_size"][1]["max"]) == (1, 64)
+    assert (req["cfg_insertion_layer"][1]["max"], req["cfg_list"][1]["default"]) == (0, "")
+    vae_encode = comfy_server.node_info("InfinityVAEEncode")["input"]["required"]["image"][1]["tooltip"]
+    assert "Lanczos" in vae_encode and "centre-cropped" in vae_encode
+
+
+def test_loaders_list_no_bundled_model_when_it_is_absent(comfy_server):
+    """This server has no stand-in bundle: the bundled choice appears only when its folder exists."""
+    bundled = os.path.join(REPO, "bundled", "infinity_tiny_shapes")
+    opts = comfy_server.node_info("InfinityModelLoader")["input"]["required"]["transformer"][1]["options"]
+    present = os.path.isfile(os.path.join(bundled, "transformer.safetensors"))
+    assert (opts[:1] == ["Infinity tiny shapes (bundled)"]) == present, opts
+    assert comfy_server.node_info("InfinityModelLoader")["input"]["required"]["vae"][1]["options"][0] == "auto"
+
+
+PARSE_CASES = ["3", "3, 3, 2.5", "3,3,2.5", "  4 4\t3 ", "1e1, .5, 5., -2, +3", "1_000, 2", "3,,3", "",
+               " , ", "x", "3, abc", "inf", "1, nan", "-Infinity", "1__0", "1.2.3", "0x10", "1e", "½"]
+
+
+def test_web_sampler_math_matches_python_parse_list(tmp_path):
+    """web/sampler_math.js parses per-scale lists exactly like infinity_core.sampler.parse_list (the
+    page refuses a list before queueing for the same reasons the node would)."""
+    node_bin = shutil.which("node")
+    if node_bin is None:
+        pytest.skip("Node.js is not installed: cannot run web/sampler_math.js")
+    from infinity_core.sampler import parse_list
+    script = tmp_path / "parse.mjs"
+    script.write_text(
+        "import fs from 'node:fs';\n"
+        f"import {{ parseList, samplerProblems }} from {json.dumps(os.path.join(REPO, 'web', 'sampler_math.js'))};\n"
+        "const cases = JSON.parse(fs.readFileSync(0, 'utf8'));\n"
+        "console.log(JSON.stringify({parsed: cases.map((c) => parseList(c, 'cfg_list')),\n"
+        "  problems: samplerProblems({cfg_list: '3,3,3', tau_list: '1 1 1 1 1 1 1'}, 7)}));\n")
+    r = subprocess.run([node_bin, str(script)], input=json.dumps(PARSE_CASES), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for text, js in zip(PARSE_CASES, out["parsed"]):
+        try:
+            want = {"values": parse_list(text, "cfg_list")}
+        except ValueError as e:
+            want = {"error": str(e)}
+        assert js == want, (text, js, want)
+    assert [p["input"] for p in out["problems"]] == ["cfg_list"]
+    assert out["problems"][0]["message"].startswith("cfg_list has 3 values but the scale schedule has 7 scales")

@@ -6,6 +6,9 @@
 
 export const MODE_ASPECT = "aspect ratio";
 export const MODE_SIZE = "width/height";
+// Requests refused instead of snapped ("absurd"), as nodes/schedule_node.py absurd_size_error().
+export const MAX_RATIO = 6;
+export const MAX_AREA_FACTOR = 16;
 
 /** h/w of a combo label "W:H (...)", e.g. "7:4 (1344x768)" -> 4/7; null if it does not parse. */
 export function labelHDivW(label) {
@@ -52,6 +55,9 @@ export function computeSchedule(table, { mode, aspect_ratio, tier, width, height
     width = Number(width);
     height = Number(height);
     if (!(width > 0 && height > 0)) return { error: `width and height must be positive, got ${width}x${height}` };
+    if (Math.max(width / height, height / width) > MAX_RATIO) {
+      return { error: `${width}x${height}: aspect ratio beyond 1:${MAX_RATIO} or ${MAX_RATIO}:1 is refused` };
+    }
     template = nearestTemplate(table, height / width);
     const area = width * height;
     let bestD = Infinity;
@@ -59,6 +65,11 @@ export function computeSchedule(table, { mode, aspect_ratio, tier, width, height
       const [ph, pw] = pixelsOf(table, template, t);
       const d = Math.abs(ph * pw - area);
       if (d < bestD) { tierEntry = t; bestD = d; }
+    }
+    const [sh, sw] = pixelsOf(table, template, tierEntry);
+    const factor = Math.max((sh * sw) / area, area / (sh * sw));
+    if (factor > MAX_AREA_FACTOR) {
+      return { error: `${width}x${height} is ${Math.round(factor)}x off the nearest size Infinity draws (${sw}x${sh})` };
     }
   } else if (mode === MODE_ASPECT) {
     const hw = labelHDivW(aspect_ratio);

@@ -2,8 +2,11 @@
 
 Accepted inputs (the format is sniffed from the bytes, not the file name):
 
-* the official flat ``.pth`` (``torch.save(state_dict)``, 2B release), read with
-  ``torch.load(weights_only=True, mmap=True)`` (legacy non-zip files: without mmap);
+* the official flat ``.pth`` (``torch.save(state_dict)``, 2B release): the zip archive is validated by
+  `_inspect_torch_zip` (one parser, plain names, no duplicates/overlaps/compression) and unpickled with
+  torch's weights-only unpickler onto memory-mapped storages, each checked against its record - the
+  equivalent of ``torch.load(weights_only=True, mmap=True)``; legacy non-zip files go through
+  ``torch.load(weights_only=True)`` after their pickles were walked opcode by opcode;
 * training checkpoints that wrap the weights (``{'trainer': {'gpt_fsdp' | 'gpt_wo_ddp': sd}, 'args': ...}``).
   Their ``args`` objects are replaced by inert stand-ins (no code runs, see `_STUBBABLE_PREFIXES`);
 * VAE files ``{'vae': state_dict}`` (and other common wrappers: ``state_dict``, ``model``, ``module``);
@@ -15,11 +18,21 @@ Accepted inputs (the format is sniffed from the bytes, not the file name):
 Everything that goes wrong raises `CheckpointError` (a ValueError) naming the file, the key, the value
 found and what was expected.
 
+Hostile or damaged files (tests/test_fuzz_loaders.py) are refused before anything is allocated from what
+they declare: safetensors headers are checked like the reference implementation does (known dtypes,
+integer shapes, spans = shape x dtype size, tensors packed back to back up to the end of the file) and
+capped (MAX_SAFETENSORS_HEADER_BYTES, JSON density); zip archives and pickles are capped
+(MAX_ZIP_DIRECTORY_BYTES, MAX_PICKLE_BYTES, MAX_PICKLE_OPS); a tensor may not need more bytes than the
+files hold (zero strides, shared storages); the shapes that drive the model config are bounded
+(MAX_DEPTH, the transformer limits, VAE_LIMITS); pickled code is refused (nothing runs; only inert
+stand-ins for known training-checkpoint argument classes). Weights holding NaN/Inf - in the file, or
+after the cast to the requested dtype - are refused with the key named unless ``allow_nonfinite=True``.
+
 Loading (`load_transformer`, `load_vae`) builds the module on the meta device, validates every key and
 shape against it (names and shapes only: .pth files are opened memory-mapped, safetensors headers are
 parsed), then materialises one tensor at a time in the requested dtype and assigns it, so the weights
 are never held twice: ``.safetensors`` tensors are read with positional reads into owned memory; a bare
-``.pth`` state dict is read by one plain ``torch.load`` (each storage straight into its own
+``.pth`` state dict is unpickled once more without the map (each storage read straight into its own
 allocation; a source tensor is freed as soon as it has been cast); wrapped ``.pth`` files (training
 checkpoints, ``{'vae': sd}``) are copied out of the map tensor by tensor and the copied pages are given
 back (Linux ``madvise(MADV_DONTNEED)`` on the clean, private file mapping that is only ever read).
@@ -45,15 +58,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import mmap as _mmap
 import os
 import pickle
+import pickletools
 import re
+import stat as _stat
 import struct
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -175,17 +192,58 @@ def _drop_mapped_pages(t: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# limits on what a file may declare (damaged or hostile files are refused before anything is
+# allocated; every limit is far above what a real Infinity checkpoint needs)
+# ---------------------------------------------------------------------------------------------
+
+MAX_SAFETENSORS_HEADER_BYTES = 4 << 20   # the 8B model's tensor table is ~0.15 MB
+MAX_PICKLE_BYTES = 2 << 20               # data.pkl: ~0.07 MB for the 2B state dict, ~0.5 MB for a training ckpt
+MAX_PICKLE_OPS = 200_000                 # pickle opcodes: ~30 per tensor (2B state dict 21k, training ckpt 85k)
+MAX_ZIP_DIRECTORY_BYTES = 4 << 20        # zip central directory: ~0.1 MB for the 8B model (~1000 entries)
+MAX_TENSOR_NDIM = 32
+MAX_TENSOR_ELEMENTS = 1 << 40            # per tensor (2B model: the largest has 12.6M elements)
+MAX_INDEX_BYTES = 64 << 20               # model.safetensors.index.json
+MAX_DEPTH = 1024                         # transformer blocks (20B: 58)
+VAE_LIMITS = {"bits": 64, "base_ch": 8192, "ch_mult": 64, "levels": 16, "num_res_blocks": 64}
+
+
+def _short(value, limit: int = 80) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+class _DuplicateName(Exception):
+    pass
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateName(k)
+        out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # format sniffing and low-level readers
 # ---------------------------------------------------------------------------------------------
 
 def _sniff(path: Path) -> str:
     """'torch-zip' | 'torch-legacy' | 'safetensors' for a file; raises CheckpointError otherwise."""
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"{path}: the file is empty (0 bytes); expected a PyTorch or safetensors "
-                              f"checkpoint. The download or copy probably failed - fetch it again.")
-    with open(path, "rb") as f:
-        head = f.read(16)
+    try:
+        st = path.stat()
+        if not _stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: not a regular file (a device, pipe, socket or similar); expected a "
+                                  f"checkpoint file (.pth or .safetensors)")
+        size = st.st_size
+        if size == 0:
+            raise CheckpointError(f"{path}: the file is empty (0 bytes); expected a PyTorch or safetensors "
+                                  f"checkpoint. The download or copy probably failed - fetch it again.")
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e.strerror or e})") from None
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if head[:4] == b"GGUF":
@@ -205,7 +263,12 @@ def _sniff(path: Path) -> str:
 
 
 def _safetensors_header(path: Path) -> tuple[dict, dict, int]:
-    """Parse and validate a safetensors header: ({name: (dtype, shape)}, metadata, data_start)."""
+    """Parse and validate a safetensors header: ({name: (dtype, shape)}, metadata, data_start).
+
+    Everything is checked before a byte of tensor data is touched, with the rules of the reference
+    implementation: every entry has a known dtype, a shape of non-negative integers and offsets whose
+    span is exactly shape x dtype size; the tensors are packed back to back from the start of the data
+    area (no overlap, no gap) and the last one ends where the file ends."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -216,48 +279,389 @@ def _safetensors_header(path: Path) -> tuple[dict, dict, int]:
         if n > size - 8:
             raise CheckpointError(f"{path}: truncated or corrupted safetensors file: the header claims "
                                   f"{n} bytes but the file has only {size} bytes")
+        if n > MAX_SAFETENSORS_HEADER_BYTES:
+            raise CheckpointError(f"{path}: the safetensors header is {n} bytes; at most "
+                                  f"{MAX_SAFETENSORS_HEADER_BYTES} are accepted (the 8B model's is ~0.15 MB) - "
+                                  f"the file is damaged or not an Infinity checkpoint")
         blob = f.read(n)
+    # Parsed JSON costs up to ~25x its size in Python objects when it is made of tiny arrays or strings;
+    # a tensor table has one object and two arrays per entry of 50+ bytes and a quote every ~10 bytes.
+    containers, quotes = blob.count(b"{") + blob.count(b"["), blob.count(b'"')
+    if containers > n // 16 + 64 or quotes > n // 6 + 4096:
+        raise CheckpointError(f"{path}: implausible safetensors header: {containers} JSON objects/arrays and {quotes} "
+                              f"quote characters in {n} bytes; expected a flat table of tensors (one object and two "
+                              f"arrays per entry of 50+ bytes, a quote every ~10 bytes)")
     try:
-        header = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupted safetensors header (not valid JSON: {e}); expected "
+        header = json.loads(blob.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateName as e:
+        raise CheckpointError(f"{path}: corrupted safetensors header: the name {e.args[0]!r} appears twice; "
+                              f"expected unique names") from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError, huge integers
+        raise CheckpointError(f"{path}: corrupted safetensors header (not valid JSON: {str(e)[:160]}); expected "
                               f"a JSON table of tensors - the file is damaged, fetch it again") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupted safetensors header (a {type(header).__name__}, "
                               f"expected a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: corrupted safetensors header: '__metadata__' is {_short(meta)}; "
+                              f"expected a JSON object mapping names to strings")
     data_start = 8 + n
     entries = {}
-    end_max = 0
+    spans = []
     for name, info in header.items():
-        try:
-            dt = _SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            b, e = (int(x) for x in info["data_offsets"])
-        except KeyError as err:
-            raise CheckpointError(f"{path}: tensor {name!r} has an unsupported or missing header field "
-                                  f"{err} (entry {info!r})") from None
-        except Exception:
-            raise CheckpointError(f"{path}: corrupted safetensors header entry for {name!r}: {info!r}") from None
+        where = f"{path}: corrupted safetensors header: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where} is described by {_short(info)}; expected an object with "
+                                  f"'dtype', 'shape' and 'data_offsets'")
+        for field in ("dtype", "shape", "data_offsets"):
+            if field not in info:
+                raise CheckpointError(f"{where} has no {field!r} field (entry {_short(info)}); expected "
+                                      f"'dtype', 'shape' and 'data_offsets'")
+        dts, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dts, str) or dts not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{where} has the unsupported dtype {_short(dts)}; expected one of "
+                                  f"{', '.join(_SAFETENSORS_DTYPES)}")
+        if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_NDIM
+                or not all(type(s) is int and s >= 0 for s in shape)):
+            raise CheckpointError(f"{where} has the shape {_short(shape)}; expected a list of at most "
+                                  f"{MAX_TENSOR_NDIM} non-negative integers")
+        if math.prod(max(s, 1) for s in shape) > MAX_TENSOR_ELEMENTS:
+            raise CheckpointError(f"{where} declares the shape {_short(shape)}; expected at most 2^40 elements "
+                                  f"(the largest weight of the 8B model has 38.5M)")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)
+                and 0 <= offs[0] <= offs[1]):
+            raise CheckpointError(f"{where} has the data_offsets {_short(offs)}; expected [begin, end] with "
+                                  f"0 <= begin <= end")
+        dt = _SAFETENSORS_DTYPES[dts]
         nbytes = math.prod(shape) * dt.itemsize
-        if e - b != nbytes or b < 0:
-            raise CheckpointError(f"{path}: corrupted safetensors header: tensor {name!r} {info['dtype']} "
-                                  f"{_fmt_shape(shape)} needs {nbytes} bytes but its offsets span {e - b}")
-        end_max = max(end_max, e)
-        entries[name] = (dt, shape)
-    if data_start + end_max > size:
-        raise CheckpointError(f"{path}: truncated safetensors file: the tensors need {data_start + end_max} "
-                              f"bytes but the file has only {size} ({size * 100 // (data_start + end_max)}% "
-                              f"present) - the download probably stopped early")
-    return entries, {str(k): str(v) for k, v in meta.items()}, data_start
+        b, e = offs
+        if e - b != nbytes:
+            raise CheckpointError(f"{where} {dts} {_fmt_shape(shape)} needs {nbytes} bytes but its "
+                                  f"data_offsets [{b}, {e}] span {e - b}")
+        spans.append((b, e, name))
+        entries[name] = (dt, tuple(shape))
+    spans.sort()
+    pos, prev = 0, None
+    for b, e, name in spans:
+        if b < pos:
+            raise CheckpointError(f"{path}: corrupted safetensors header: tensor {name!r} (data_offsets [{b}, {e}]) "
+                                  f"overlaps tensor {prev!r}, which ends at {pos}; expected every tensor in its "
+                                  f"own byte range")
+        if b > pos:
+            raise CheckpointError(f"{path}: corrupted safetensors header: a gap of {b - pos} bytes before tensor "
+                                  f"{name!r} (data_offsets [{b}, {e}]; the data before it ends at {pos}); expected "
+                                  f"the tensors packed back to back")
+        pos, prev = e, name
+    end = data_start + pos
+    if end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file: the tensors need {end} bytes but the file "
+                              f"has only {size} ({size * 100 // end}% present) - the download probably stopped "
+                              f"early")
+    if end < size:
+        raise CheckpointError(f"{path}: corrupted safetensors file: {size - end} unexplained bytes follow the "
+                              f"last tensor (the header accounts for {end} of the {size} bytes); expected the "
+                              f"file to end with the last tensor")
+    return entries, dict(meta), data_start
 
 
-def _zip_looks_complete(path: Path) -> bool:
-    size = path.stat().st_size
+# -- PyTorch zip archives ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _TorchZip:
+    prefix: str                          # the archive's single top-level folder
+    records: dict                        # record name (without prefix) -> (data offset, size)
+    pickle: bytes                        # data.pkl
+
+
+def _zip_directory_extent(path: Path, size: int) -> tuple[int, int]:
+    """(entries, central directory bytes) declared by the end records, without reading the directory."""
     with open(path, "rb") as f:
-        f.seek(max(0, size - 65536 - 22))
+        f.seek(max(0, size - 65535 - 22))
+        tail_start = f.tell()
         tail = f.read()
-    return b"PK\x05\x06" in tail
+        i = tail.rfind(b"PK\x05\x06")
+        if i < 0 or len(tail) - i < 22:
+            raise CheckpointError(f"{path}: truncated PyTorch checkpoint: the zip archive has no end record "
+                                  f"({size} bytes present) - the download probably stopped early")
+        entries, cd_size, cd_offset = struct.unpack("<xxxxxxxxxxHII", tail[i:i + 20])
+        if entries == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:  # zip64
+            loc = tail[i - 20:i] if i >= 20 else b""
+            if loc[:4] != b"PK\x06\x07":
+                raise CheckpointError(f"{path}: corrupted PyTorch checkpoint: the zip64 end-record locator is "
+                                      f"missing (at offset {tail_start + i - 20})")
+            (z64,) = struct.unpack("<Q", loc[8:16])
+            if z64 > size - 56:
+                raise CheckpointError(f"{path}: corrupted PyTorch checkpoint: the zip64 end record would lie at "
+                                      f"offset {z64}, past the end of the {size}-byte file")
+            f.seek(z64)
+            rec = f.read(56)
+            if rec[:4] != b"PK\x06\x06":
+                raise CheckpointError(f"{path}: corrupted PyTorch checkpoint: no zip64 end record at offset {z64}")
+            entries, cd_size = struct.unpack("<QQ", rec[32:48])
+    return entries, cd_size
+
+
+def _inspect_torch_zip(path: Path) -> _TorchZip:
+    """Validate the archive structure before anything is unpickled: one top-level folder, plain relative
+    names (no '..', absolute paths, drive letters, backslashes, NUL bytes), no duplicate names, no
+    symlink entries, stored (uncompressed, unencrypted) records whose bytes lie inside the file without
+    overlapping, local names equal to the directory names, a bounded directory and data.pkl."""
+    size = path.stat().st_size
+    entries, cd_size = _zip_directory_extent(path, size)
+    if cd_size > MAX_ZIP_DIRECTORY_BYTES:
+        raise CheckpointError(f"{path}: the zip directory is {cd_size} bytes ({entries} entries); at most "
+                              f"{MAX_ZIP_DIRECTORY_BYTES} are accepted (the 8B model's is ~0.1 MB) - the file is "
+                              f"damaged or not a checkpoint")
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            cd_start = int(getattr(z, "start_dir", size))
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupted PyTorch checkpoint: the zip directory is unreadable "
+                              f"({type(e).__name__}: {str(e)[:160]}) - fetch the file again") from None
+    refused = f"{path}: refused: the zip archive"
+    expected = "expected the entries torch.save writes ('archive/data.pkl', 'archive/data/0', ...)"
+    prefix = None
+    seen: set[str] = set()
+    spans = []
+    records = {}
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e.strerror or e})") from None
+    with f:
+        for zi in infos:
+            name = zi.orig_filename
+            parts = name.split("/")
+            if ("\x00" in name or "\\" in name or name.startswith("/") or re.match(r"[A-Za-z]:", name)
+                    or any(p in ("", ".", "..") for p in parts) or len(parts) < 2):
+                raise CheckpointError(f"{refused} has an entry named {name!r}; {expected}: relative names inside "
+                                      f"one folder, without '..', absolute paths, drive letters or backslashes. "
+                                      f"Nothing was extracted or written.")
+            if name in seen:
+                raise CheckpointError(f"{refused} lists the entry {name!r} twice; expected unique names "
+                                      f"(duplicates let different readers see different data)")
+            seen.add(name)
+            if prefix is None:
+                prefix = parts[0]
+            elif parts[0] != prefix:
+                raise CheckpointError(f"{refused} has entries under two folders, {prefix!r} and {parts[0]!r} "
+                                      f"(entry {name!r}); expected a single top-level folder as torch.save writes")
+            if _stat.S_ISLNK(zi.external_attr >> 16):
+                raise CheckpointError(f"{refused} entry {name!r} is a symbolic link; {expected}")
+            if zi.flag_bits & 0x1:
+                raise CheckpointError(f"{refused} entry {name!r} is encrypted; {expected}")
+            if zi.compress_type != zipfile.ZIP_STORED or zi.compress_size != zi.file_size:
+                raise CheckpointError(f"{refused} entry {name!r} is compressed (method {zi.compress_type}, "
+                                      f"{zi.compress_size} -> {zi.file_size} bytes); expected stored entries, as "
+                                      f"torch.save writes them")
+            if not 0 <= zi.header_offset < min(cd_start, size):
+                raise CheckpointError(f"{path}: corrupted PyTorch checkpoint: entry {name!r} would start at offset "
+                                      f"{zi.header_offset}, outside the {size}-byte file's data area")
+            f.seek(zi.header_offset)
+            local = f.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise CheckpointError(f"{path}: corrupted PyTorch checkpoint: entry {name!r} has no local header at "
+                                      f"offset {zi.header_offset}")
+            nlen, xlen = struct.unpack("<HH", local[26:30])
+            raw_name = f.read(nlen)
+            want = name.encode("utf-8" if zi.flag_bits & 0x800 else "cp437", "replace")
+            if raw_name != want:
+                raise CheckpointError(f"{refused} entry {name!r} is called {raw_name[:80]!r} in its local header; "
+                                      f"expected the same name in both places")
+            start = zi.header_offset + 30 + nlen + xlen
+            end = start + zi.compress_size
+            if end > cd_start:
+                raise CheckpointError(f"{path}: corrupted PyTorch checkpoint: entry {name!r} would span bytes "
+                                      f"{start}..{end}, past the start of the zip directory at {cd_start}")
+            spans.append((zi.header_offset, end, name))
+            records[name[len(prefix) + 1:]] = (start, zi.file_size)
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{refused} entries {n0!r} (bytes {b0}..{e0}) and {n1!r} (from byte {b1}) "
+                                  f"overlap; expected every entry in its own byte range")
+    if "data.pkl" not in records:
+        raise CheckpointError(f"{path}: not a torch.save archive: no '{prefix or 'archive'}/data.pkl' entry "
+                              f"(entries: {_fmt_keys(seen, 6)}); {expected}")
+    start, n = records["data.pkl"]
+    if n > MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{path}: '{prefix}/data.pkl' is {n} bytes; at most {MAX_PICKLE_BYTES} are accepted "
+                              f"(a state dict's is well under 1 MB) - the file is damaged or not a checkpoint")
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(n)
+    _count_pickle_ops(path, data, f"'{prefix}/data.pkl'")
+    return _TorchZip(prefix, records, data)
+
+
+def _count_pickle_ops(path: Path, data: bytes, what: str) -> int:
+    """Walk the opcodes (nothing is built; ~8x faster than unpickling) and refuse a pickle of more than
+    MAX_PICKLE_OPS operations: torch's weights-only unpickler is pure Python, its time grows with the
+    opcode count, and a few hundred KB of hostile opcodes would keep it busy for seconds."""
+    ops = 0
+    try:
+        for _ in pickletools.genops(io.BytesIO(data)):
+            ops += 1
+            if ops > MAX_PICKLE_OPS:
+                raise CheckpointError(f"{path}: {what} holds more than {MAX_PICKLE_OPS} pickle operations; a state "
+                                      f"dict needs ~30 per tensor (a 2B training checkpoint ~85,000) - the file is "
+                                      f"damaged or not a checkpoint")
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupted PyTorch checkpoint: {what} is not a valid pickle "
+                              f"({type(e).__name__}: {str(e)[:160]})") from None
+    return ops
+
+
+def _unpickle_torch_zip(path: Path, info: _TorchZip, mmap: bool):
+    """Load a torch.save zip archive from the records `_inspect_torch_zip` validated, as
+    torch.load(weights_only=True, map_location='cpu') does - the same weights-only unpickler, storages
+    that are slices of one private read-only file map (mmap=True) or read into their own memory
+    (mmap=False) - but with a single zip parser (torch's miniz reader never sees the file, so names,
+    duplicates or overlaps cannot be read differently by two parsers) and with every storage checked:
+    its record must exist and hold exactly the bytes the pickle declares, and every record must be used.
+    Tensor geometry is checked by torch when each tensor is set onto its storage."""
+    try:
+        from torch import _weights_only_unpickler as W
+        unpickler_cls = W.Unpickler
+    except Exception:  # pragma: no cover - a torch without it
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    order = b"little"
+    if "byteorder" in info.records:
+        start, n = info.records["byteorder"]
+        with open(path, "rb") as f:
+            f.seek(start)
+            order = f.read(min(n, 16))
+        if order not in (b"little", b"big"):
+            raise CheckpointError(f"{path}: corrupted PyTorch checkpoint: '{info.prefix}/byteorder' is {order!r}; "
+                                  f"expected b'little' or b'big'")
+    swap = order.decode() != sys.byteorder
+    overall = torch.UntypedStorage.from_file(str(path), False, path.stat().st_size) if mmap else None
+    f = None if mmap else open(path, "rb")
+    loaded: dict[str, torch.UntypedStorage] = {}
+
+    def persistent_load(pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5):
+            raise CheckpointError(f"{path}: corrupted PyTorch checkpoint: a storage reference in data.pkl is "
+                                  f"{_short(pid)}; expected ('storage', type, key, location, numel)")
+        _, storage_type, key, location, numel = pid
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else getattr(storage_type, "dtype", None)
+        if not isinstance(dtype, torch.dtype) or not isinstance(key, str) or type(numel) is not int or numel < 0:
+            shown = (getattr(storage_type, "__name__", None) or getattr(storage_type, "_dtype", None) or
+                     type(storage_type).__name__, key, location, numel)
+            raise CheckpointError(f"{path}: corrupted PyTorch checkpoint: the storage reference "
+                                  f"(type, key, location, count) = {_short(shown)} in data.pkl is malformed; "
+                                  f"expected a storage type, a string key and a count >= 0")
+        rec = f"data/{key}"
+        if rec not in info.records:
+            raise CheckpointError(f"{path}: corrupted PyTorch checkpoint: data.pkl refers to storage {key!r} but "
+                                  f"the archive has no record {info.prefix + '/' + rec!r}")
+        start, have = info.records[rec]
+        need = numel * torch._utils._element_size(dtype)
+        if have != need:
+            raise CheckpointError(f"{path}: corrupted PyTorch checkpoint: storage {key!r} is declared as {numel} x "
+                                  f"{dtype} = {need} bytes but its record {info.prefix + '/' + rec!r} holds {have} "
+                                  f"bytes")
+        storage = loaded.get(key)
+        if storage is None:
+            if overall is not None:
+                storage = overall[start:start + need]
+            else:
+                t = torch.empty(need, dtype=torch.uint8)
+                f.seek(start)
+                if need and f.readinto(t.numpy()) != need:
+                    raise CheckpointError(f"{path}: truncated PyTorch checkpoint: record "
+                                          f"{info.prefix + '/' + rec!r} ends past the end of the file")
+                storage = t.untyped_storage()
+            if swap and need:
+                storage.byteswap(dtype)
+            loaded[key] = storage
+        return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+
+    tls = getattr(torch.serialization, "_serialization_tls", None)
+    previous = getattr(tls, "map_location", None)
+    pending = getattr(torch._utils, "_sparse_tensors_to_validate", None)
+    n0 = len(pending) if isinstance(pending, list) else 0
+    try:
+        if tls is not None:
+            tls.map_location = "cpu"
+        u = unpickler_cls(io.BytesIO(info.pickle), encoding="utf-8")
+        u.persistent_load = persistent_load
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = u.load()
+        if isinstance(pending, list) and len(pending) > n0 and hasattr(torch._utils, "_validate_loaded_sparse_tensors"):
+            torch._utils._validate_loaded_sparse_tensors()
+    finally:
+        if tls is not None:
+            tls.map_location = previous
+        if isinstance(pending, list):
+            del pending[n0:]
+        if f is not None:
+            f.close()
+    orphans = sorted(r for r in info.records if r.startswith("data/") and r[5:] not in loaded)
+    if orphans:
+        raise CheckpointError(f"{path}: corrupted PyTorch checkpoint: {len(orphans)} storage record(s) are not used by "
+                              f"data.pkl ({_fmt_keys([info.prefix + '/' + r for r in orphans], 4)}); torch.save writes "
+                              f"only referenced storages - the pickle was altered")
+    return result
+
+
+def _inspect_legacy_pickles(path: Path) -> list[str]:
+    """A legacy (non-zip) torch file starts with five pickles (magic number, protocol, system info,
+    objects, storage keys) before the raw storages. Walk their opcodes (nothing is built), refuse
+    pickles larger than MAX_PICKLE_BYTES (unpickling cost and memory grow with them) and return the
+    globals they name ('module.name'; '?' for one that cannot be resolved statically)."""
+    with open(path, "rb") as f:
+        window = f.read(MAX_PICKLE_BYTES + 1)
+    bio = io.BytesIO(window)
+    found: list[str] = []
+    ops = 0
+    for i in range(5):
+        strings: list = []
+        memo: dict = {}
+        try:
+            for op, arg, _ in pickletools.genops(bio):
+                ops += 1
+                if ops > MAX_PICKLE_OPS:
+                    raise CheckpointError(f"{path}: the pickles of this legacy PyTorch file hold more than "
+                                          f"{MAX_PICKLE_OPS} operations; a state dict needs ~30 per tensor - the "
+                                          f"file is damaged or not a checkpoint")
+                if op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", ".", 1))
+                elif op.name == "STACK_GLOBAL":
+                    found.append(f"{strings[-2]}.{strings[-1]}" if len(strings) >= 2 and all(
+                        isinstance(x, str) for x in strings[-2:]) else "?")
+                elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+                    strings.append(arg)
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                    memo[arg] = strings[-1] if strings else None
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = strings[-1] if strings else None
+                elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                    strings.append(memo.get(arg))
+                else:
+                    strings.append(None)
+                del strings[:-2]
+        except CheckpointError:
+            raise
+        except Exception as e:
+            if len(window) > MAX_PICKLE_BYTES and bio.tell() >= MAX_PICKLE_BYTES:
+                break
+            raise CheckpointError(f"{path}: corrupted PyTorch checkpoint (legacy format): pickle {i + 1} of 5 is "
+                                  f"unreadable at byte {bio.tell()} ({type(e).__name__}: {str(e)[:120]})") from None
+        if bio.tell() > MAX_PICKLE_BYTES:
+            break
+    else:
+        return found
+    raise CheckpointError(f"{path}: the pickled part of this legacy PyTorch file exceeds {MAX_PICKLE_BYTES} bytes; "
+                          f"a state dict's is well under 1 MB - the file is damaged or not a checkpoint")
 
 
 class _Stub:
@@ -271,46 +675,78 @@ class _Stub:
 
 
 def _torch_load(path: Path, fmt: str, mmap: bool = True):
-    """torch.load with weights_only=True (mmap for zip files unless mmap=False); every failure ->
-    CheckpointError."""
+    """Read a .pth like torch.load(weights_only=True, map_location='cpu'): zip archives through
+    `_inspect_torch_zip` + `_unpickle_torch_zip` (memory-mapped unless mmap=False), legacy files through
+    torch.load after `_inspect_legacy_pickles`. Refused globals -> stand-ins or a refusal (see
+    `_stubs_or_refuse`); every failure -> CheckpointError."""
     use_mmap = mmap and fmt == "torch-zip"
-    if fmt == "torch-zip" and not _zip_looks_complete(path):
-        raise CheckpointError(f"{path}: truncated PyTorch checkpoint: the zip archive has no end record "
-                              f"({path.stat().st_size} bytes present) - the download probably stopped early")
+    legacy_globals = info = None
+    if fmt == "torch-zip":
+        info = _inspect_torch_zip(path)
+
+        def load():
+            return _unpickle_torch_zip(path, info, use_mmap)
+    else:
+        legacy_globals = _inspect_legacy_pickles(path)
+
+        def load():
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    stubs: list = []
+    for attempt in (0, 1):
+        try:
+            with torch.serialization.safe_globals(stubs):
+                return load(), use_mmap
+        except CheckpointError:
+            raise
+        except pickle.UnpicklingError as e:
+            if attempt:
+                raise _torch_read_error(path, fmt, e) from None
+            stubs = _stubs_or_refuse(path, e, legacy_globals, info.pickle if info is not None else None)
+        except Exception as e:
+            raise _torch_read_error(path, fmt, e) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _stubs_or_refuse(path: Path, e: pickle.UnpicklingError, legacy_globals: list[str] | None = None,
+                     data_pkl: bytes | None = None) -> list:
+    """The weights-only unpickler refused a global: stub known-harmless training-checkpoint objects
+    (see `_STUBBABLE_PREFIXES`), refuse everything else."""
+    text = str(e)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap), use_mmap
-    except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower() and "weights_only" not in str(e).lower():
-            raise CheckpointError(f"{path}: corrupted PyTorch checkpoint (unpickling failed: "
-                                  f"{str(e).splitlines()[0][:200]})") from None
-        refusal = e
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise _torch_read_error(path, fmt, e) from None
-    # weights_only refused a global: stub known-harmless training-checkpoint objects, refuse the rest.
-    try:
-        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        from torch import _weights_only_unpickler as W
+        if legacy_globals is None and data_pkl is not None:
+            legacy_globals = list(W.get_globals_in_pkl(io.BytesIO(data_pkl)))
+        if legacy_globals is not None:
+            allowed = W._get_allowed_globals()
+            names = sorted({g for g in legacy_globals if g not in allowed})
+        else:
+            names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     except Exception:
         names = []
+    if not names and not re.search(r"weights.only|global|reduce|allowlist", text, re.I):
+        raise CheckpointError(f"{path}: corrupted PyTorch checkpoint (unpickling failed: "
+                              f"{text.splitlines()[0][:200] if text else type(e).__name__})") from None
     bad = [n for n in names if not n.startswith(_STUBBABLE_PREFIXES)]
     if bad or not names:
-        found = ", ".join(bad or names) or str(refusal).splitlines()[0][:200]
+        found = ", ".join(bad or names) or text.splitlines()[0][:200]
         raise CheckpointError(
             f"{path}: refused for safety - the file contains Python code/objects ({found}) that would be "
             f"executed or constructed while unpickling; expected only tensors (a state dict). Nothing from "
             f"the file was run. Use a .safetensors file or re-save the weights alone from a trusted "
             f"environment.")
-    stubs = [(type(n.rsplit(".", 1)[-1], (_Stub,), {"__module__": n.rsplit(".", 1)[0]}), n) for n in names]
-    try:
-        with torch.serialization.safe_globals(stubs):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap), use_mmap
-    except Exception as e:
-        raise _torch_read_error(path, fmt, e) from None
+    return [(type(n.rsplit(".", 1)[-1], (_Stub,), {"__module__": n.rsplit(".", 1)[0]}), n) for n in names]
 
 
 def _torch_read_error(path: Path, fmt: str, e: Exception) -> CheckpointError:
     msg = str(e).splitlines()[0].split(". ")[0][:200] if str(e) else type(e).__name__
+    known = {"storage has wrong": "a storage's size in the pickle differs from the size stored with its data",
+             "resize storage that is not resizable": "a tensor's size, strides or offset reach past the end of "
+                                                     "its storage",
+             "integer multiplication overflow": "a tensor's declared shape overflows"}
+    for needle, text in known.items():  # torch's wording -> what it means for a checkpoint
+        if needle in msg:
+            msg = f"{text} ({msg[:120]})"
+            break
     if isinstance(e, EOFError) or "Invalid argument" in msg or "central directory" in msg:
         what = "truncated or corrupted"
     else:
@@ -438,14 +874,22 @@ def _unwrap(obj, path: Path) -> tuple[dict, str | None]:
                 if isinstance(obj.get(k), Mapping) and _all_tensors(obj[k]):
                     obj, wrapper = obj[k], k
                     break
+    where = f"{path}{' [' + wrapper + ']' if wrapper else ''}"
     bad = [(k, v) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         k, v = bad[0]
-        raise CheckpointError(f"{path}{' [' + wrapper + ']' if wrapper else ''}: not a dict of tensors: entry "
+        raise CheckpointError(f"{where}: not a dict of tensors: entry "
                               f"{k!r} is a {type(v).__name__} ({len(bad)} of {len(obj)} entries are not "
                               f"tensors); expected a state dict mapping names to tensors")
-    out = {str(k): v for k, v in obj.items()}
-    return out, wrapper
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{where}: the entry {_short(k)} has a {type(k).__name__} name; expected a state "
+                                  f"dict with string names")
+        if v.layout != torch.strided or v.is_quantized or v.device.type != "cpu":
+            what = (f"layout {v.layout}" if v.layout != torch.strided else f"dtype {v.dtype}" if v.is_quantized
+                    else f"device {v.device} (no data)" if v.device.type == "meta" else f"device {v.device}")
+            raise CheckpointError(f"{where}: key {k!r} is a tensor with {what}; expected a plain dense tensor")
+    return dict(obj), wrapper
 
 
 def _all_tensors(d: Mapping) -> bool:
@@ -472,7 +916,21 @@ class _Checkpoint:
             self._add_shard(_Shard(self.path))
             self.metadata = self.shards[0].metadata
             self.wrapper = self.shards[0].wrapper
+        self._check_sizes()
         self._strip_common_prefix()
+
+    def _check_sizes(self):
+        """A tensor can never need more bytes than the files hold: zero strides or storages shared by
+        many tensors would otherwise multiply a small file into huge allocations when it is loaded."""
+        total = sum(s.path.stat().st_size for s in self.shards)
+        for key, (shard, name) in self.keys.items():
+            t = shard.meta[name]
+            nbytes = t.numel() * t.element_size()
+            if nbytes > total:
+                raise CheckpointError(f"{shard.path}: key {key!r} declares {t.dtype} {_fmt_shape(t.shape)} = "
+                                      f"{nbytes} bytes, but the checkpoint file(s) hold only {total} bytes (zero "
+                                      f"strides or a shared storage); expected every tensor stored in full")
+        self.file_bytes = total
 
     def _add_shard(self, shard: _Shard, only: Iterable[str] | None = None):
         self.shards.append(shard)
@@ -497,18 +955,25 @@ class _Checkpoint:
         else:
             index = self.path
         try:
-            data = json.loads(index.read_text())
+            if index.stat().st_size > MAX_INDEX_BYTES:
+                raise ValueError(f"{index.stat().st_size} bytes, at most {MAX_INDEX_BYTES} are accepted")
+            data = json.loads(index.read_bytes().decode("utf-8"))
             weight_map = data["weight_map"]
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError("empty weight_map")
         except FileNotFoundError:
             raise CheckpointError(f"{index}: no such index file") from None
         except Exception as e:
-            raise CheckpointError(f"{index}: corrupted shard index ({type(e).__name__}: {e}); expected a "
-                                  f"JSON object with a non-empty 'weight_map' {{key: shard file}}") from None
+            raise CheckpointError(f"{index}: corrupted shard index ({type(e).__name__}: {str(e)[:200]}); expected "
+                                  f"a JSON object with a non-empty 'weight_map' {{key: shard file}}") from None
         folder = index.parent
         by_shard: dict[str, list[str]] = {}
         for key, shard_name in weight_map.items():
+            if (not isinstance(shard_name, str) or not shard_name or shard_name in (".", "..") or "/" in shard_name
+                    or "\\" in shard_name or "\x00" in shard_name or re.match(r"[A-Za-z]:", shard_name)):
+                raise CheckpointError(f"{index}: refused: the index maps {key!r} to the shard {_short(shard_name)}; "
+                                      f"expected a plain file name inside {folder} (no paths, '..' or drive "
+                                      f"letters)")
             by_shard.setdefault(shard_name, []).append(key)
         for shard_name, keys in by_shard.items():
             shard_path = folder / shard_name
@@ -542,8 +1007,10 @@ class _Checkpoint:
         shard, _ = self.keys[key]
         shard.release(t)
 
-    def materialize(self, key: str, dtype: torch.dtype | None, device) -> torch.Tensor:
-        """One tensor in owned memory on `device`, floating-point ones cast to `dtype`."""
+    def materialize(self, key: str, dtype: torch.dtype | None, device, *,
+                    allow_nonfinite: bool = True) -> torch.Tensor:
+        """One tensor in owned memory on `device`, floating-point ones cast to `dtype`.
+        allow_nonfinite=False: a NaN/Inf value (in the file, or produced by the cast) -> CheckpointError."""
         shard, name = self.keys[key]
         device = torch.device(device)
         if device.type == "cpu":
@@ -559,6 +1026,8 @@ class _Checkpoint:
             out = src
         else:
             out = torch.empty(src.shape, dtype=src.dtype).copy_(src)
+        if not allow_nonfinite and out.is_floating_point() and not _all_finite(out):
+            raise _nonfinite_error(shard.path, key, src, out)
         if not owned:
             shard.release(src)
         return out
@@ -596,6 +1065,42 @@ class _Checkpoint:
             s.close()
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """True when no element is NaN or +-Inf (one vectorised min/max pass, no temporary copy)."""
+    if t.numel() == 0:
+        return True
+    try:
+        lo, hi = torch.aminmax(t)
+        return math.isfinite(float(lo)) and math.isfinite(float(hi))
+    except (RuntimeError, NotImplementedError, TypeError):  # dtypes without aminmax (float8): chunked
+        flat = t.reshape(-1)
+        step = 1 << 22
+        return all(bool(torch.isfinite(flat[i:i + step].float()).all()) for i in range(0, flat.numel(), step))
+
+
+def _nonfinite_error(path, key: str, src: torch.Tensor, out: torch.Tensor) -> CheckpointError:
+    flat = out.reshape(-1)
+    nan = inf = 0
+    first = None
+    step = 1 << 22
+    for i in range(0, flat.numel(), step):
+        c = flat[i:i + step].float()
+        bad = ~torch.isfinite(c)
+        if first is None and bool(bad.any()):
+            first = i + int(bad.nonzero()[0, 0])
+        nan += int(torch.isnan(c).sum())
+        inf += int(torch.isinf(c).sum())
+    head = f"{path}: key {key!r} ({out.dtype} {_fmt_shape(out.shape)})"
+    if src.dtype != out.dtype and _all_finite(src):
+        big = float(src.float().abs().max()) if src.numel() <= (1 << 26) else float("nan")
+        return CheckpointError(f"{head}: {inf} value(s) overflow {out.dtype} when cast from the file's "
+                               f"{src.dtype} (largest magnitude {big:.4g}, first at flat index {first}); expected "
+                               f"weights that fit the requested dtype - load it in bfloat16 or float32")
+    return CheckpointError(f"{head} holds {nan + inf} non-finite value(s) ({nan} NaN, {inf} Inf; first at flat "
+                           f"index {first}); expected finite weights - the file is damaged or comes from a "
+                           f"diverged training run. Pass allow_nonfinite=True to load it anyway.")
+
+
 def read_state_dict(path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint file / sharded folder / index file, as a flat dict.
 
@@ -612,8 +1117,8 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
 # what is this state dict?
 # ---------------------------------------------------------------------------------------------
 
-_BLOCK_RE = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.+)$")
-_FLAT_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_BLOCK_RE = re.compile(r"^block_chunks\.(\d{1,6})\.module\.(\d{1,6})\.(.+)$")
+_FLAT_BLOCK_RE = re.compile(r"^blocks\.(\d{1,6})\.(.+)$")
 
 
 def detect_kind(sd: Mapping[str, torch.Tensor]) -> tuple[str, str]:
@@ -706,8 +1211,11 @@ def transformer_config_from_state_dict(sd: Mapping[str, torch.Tensor], source: s
                               f"'block_chunks.<c>.module.<j>.*')")
     chunks = max(grid) + 1
     per = max(max(v) for v in grid.values()) + 1
+    if chunks * per > MAX_DEPTH:
+        raise CheckpointError(f"{src}: the key names declare {chunks} chunks x {per} blocks = {chunks * per} blocks; "
+                              f"expected at most {MAX_DEPTH} (the largest released model has 58)")
     for c in range(chunks):
-        if grid.get(c) != set(range(per)):
+        if len(grid.get(c, ())) != per:
             have = sorted(grid.get(c, ()))
             raise CheckpointError(f"{src}: incomplete blocks: chunk {c} has modules {have}, expected 0..{per - 1} "
                                   f"like the others ({chunks} chunks x {per} blocks)")
@@ -715,11 +1223,25 @@ def transformer_config_from_state_dict(sd: Mapping[str, torch.Tensor], source: s
     for suffix in ("sa.scale_mul_1H11", "ffn.fc1.weight"):
         if b0 + suffix not in sd:
             raise CheckpointError(f"{src}: key {b0 + suffix!r} is missing; expected in every block")
+    for key, ndim in (("word_embed.weight", 2), ("cfg_uncond", 2), ("head.weight", 2), (b0 + "ffn.fc1.weight", 2),
+                      (b0 + "sa.scale_mul_1H11", 4)):
+        if sd[key].dim() != ndim:
+            raise CheckpointError(f"{src}: key {key!r} has shape {_fmt_shape(sd[key].shape)}; expected {ndim} "
+                                  f"dimensions")
     width, d_in = (int(s) for s in sd["word_embed.weight"].shape)
     heads = int(sd[b0 + "sa.scale_mul_1H11"].shape[1])
     mlp_hidden = int(sd[b0 + "ffn.fc1.weight"].shape[0])
     text_maxlen, text_channels = (int(s) for s in sd["cfg_uncond"].shape)
     head_rows = int(sd["head.weight"].shape[0])
+    for what, value, key, hi in (("width", width, "word_embed.weight", 32768),
+                                 ("bits per token", d_in, "word_embed.weight", 4096),
+                                 ("heads", heads, b0 + "sa.scale_mul_1H11", 1024),
+                                 ("MLP width", mlp_hidden, b0 + "ffn.fc1.weight", 1 << 18),
+                                 ("text length", text_maxlen, "cfg_uncond", 1 << 16),
+                                 ("text channels", text_channels, "cfg_uncond", 1 << 15)):
+        if not 1 <= value <= hi:
+            raise CheckpointError(f"{src}: key {key!r} ({_fmt_shape(sd[key].shape)}) implies {what} {value}; "
+                                  f"expected 1..{hi} - the file is damaged or not an Infinity transformer")
     if head_rows != 2 * d_in:
         raise CheckpointError(f"{src}: key 'head.weight' has {head_rows} rows but 'word_embed.weight' takes "
                               f"{d_in} bits per token; expected {2 * d_in} rows (2 logits per bit)")
@@ -837,7 +1359,28 @@ def _plan(ck: _Checkpoint, expected: Mapping[str, torch.Tensor], what: str, cfg_
         if ref.is_floating_point() and not got.is_floating_point():
             raise CheckpointError(f"{ck.path}: key {k!r} has dtype {got.dtype} but a floating-point tensor is "
                                   f"expected (quantised checkpoints are not supported)")
+        if not ref.is_floating_point() and got.is_floating_point():
+            raise CheckpointError(f"{ck.path}: key {k!r} has dtype {got.dtype} but {what} keeps an integer buffer "
+                                  f"({ref.dtype}) there")
+    total = sum(have[k].numel() * have[k].element_size() for k in expected if k in have)
+    file_bytes = getattr(ck, "file_bytes", None)
+    if file_bytes is not None and total > file_bytes:
+        raise CheckpointError(f"{ck.path}: the {sum(k in have for k in expected)} tensors of {what} declare {total} "
+                              f"bytes in all, more than the {file_bytes} bytes the file(s) hold (tensors sharing "
+                              f"storage or with zero strides); expected every tensor stored once")
     return to_fill, [k for k in have if k not in expected]
+
+
+def _build(factory, cfg, source, what: str, describe: str):
+    """Build a module on the meta device; a config the constructor rejects -> CheckpointError."""
+    try:
+        with torch.device("meta"):
+            return factory(cfg)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{source}: the shapes in the file describe {what} that cannot be built ({describe}; "
+                              f"{type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _assign(module: torch.nn.Module, sd: dict[str, torch.Tensor], source) -> torch.nn.Module:
@@ -873,7 +1416,7 @@ def read_transformer_config(path, *, patchify: bool | None = None) -> Transforme
 
 def load_transformer(path, dtype=torch.float32, device="cpu", *, config: TransformerConfig | None = None,
                      patchify: bool | None = None, text_maxlen: int | None = None, strict: bool = True,
-                     **model_kwargs):
+                     allow_nonfinite: bool = False, **model_kwargs):
     """Build `transformer.Infinity` from any accepted checkpoint layout.
 
     dtype: torch dtype, 'bf16'/'fp16'/'fp32', 'auto' (see `resolve_dtype`) or None/'keep' (file dtype).
@@ -881,6 +1424,8 @@ def load_transformer(path, dtype=torch.float32, device="cpu", *, config: Transfo
     patchify: override the patchify inference (see module docstring).
     text_maxlen: force the number of `cfg_uncond` rows (truncate / zero-pad with a warning).
     strict: unknown keys are an error (True) or a warning (False); missing keys are always an error.
+    allow_nonfinite: False (default) refuses a weight holding NaN/Inf (after the cast to `dtype`), naming
+        the key; True loads such files as they are.
     model_kwargs: passed to `Infinity(cfg, **model_kwargs)` (e.g. attn_backend, ca_precision).
     Returns the model in eval mode with requires_grad False, on `device`."""
     from .transformer import Infinity
@@ -893,8 +1438,7 @@ def load_transformer(path, dtype=torch.float32, device="cpu", *, config: Transfo
         cfg = config or inferred
         if text_maxlen is not None and text_maxlen != cfg.text_maxlen:
             cfg = dataclasses.replace(cfg, text_maxlen=int(text_maxlen))
-        with torch.device("meta"):
-            model = Infinity(cfg, **model_kwargs)
+        model = _build(lambda c: Infinity(c, **model_kwargs), cfg, ck.path, "an Infinity transformer", _cfg_desc(cfg))
         expected = _expected_tensors(model)
         to_fill, _ = _plan(ck, expected, "the Infinity transformer", _cfg_desc(cfg), strict=strict,
                            fillable=lambda k: k.endswith("zero_k_bias"),
@@ -910,7 +1454,7 @@ def load_transformer(path, dtype=torch.float32, device="cpu", *, config: Transfo
             if k in to_fill:
                 sd[k] = torch.zeros(ref.shape, dtype=dtype or torch.float32, device=device)
                 continue
-            t = ck.materialize(k, dtype, device)
+            t = ck.materialize(k, dtype, device, allow_nonfinite=allow_nonfinite)
             if k == "cfg_uncond" and t.shape[0] != cfg.text_maxlen:
                 t = _fit_rows(t, cfg.text_maxlen)
             sd[k] = t
@@ -957,12 +1501,35 @@ def _vae_checkpoint(path) -> tuple[_Checkpoint, VAEConfig]:
             continue
         mapping[ok] = nk
     ck.rename(mapping)
+    meta = ck.meta_state_dict()
+    for k, t in meta.items():
+        m = re.match(r"encoder\.down\.(\d+)\.(?:block\.(\d+)\.)?", k)
+        if m and (len(m.group(1)) > 3 or int(m.group(1)) >= VAE_LIMITS["levels"]):
+            raise CheckpointError(f"{ck.path}: key {k!r} names encoder level {m.group(1)}; expected at most "
+                                  f"{VAE_LIMITS['levels']} levels (released VAEs have 4 or 5)")
+        if m and m.group(2) and (len(m.group(2)) > 3 or int(m.group(2)) >= VAE_LIMITS["num_res_blocks"]):
+            raise CheckpointError(f"{ck.path}: key {k!r} names residual block {m.group(2)}; expected at most "
+                                  f"{VAE_LIMITS['num_res_blocks']} per level (released VAEs have 2)")
+        if re.fullmatch(r"(encoder\.(conv_in|conv_out|down\.\d+\.block\.0\.conv1)|decoder\.conv_in)\.conv\.weight", k) \
+                and t.dim() != 4:
+            raise CheckpointError(f"{ck.path}: key {k!r} has shape {_fmt_shape(t.shape)}; expected a 4-D convolution "
+                                  f"weight (out, in, kh, kw)")
     try:
-        cfg = V.vae_config_from_state_dict(ck.meta_state_dict())
+        cfg = V.vae_config_from_state_dict(meta)
     except CheckpointError:
         raise
     except Exception as e:
         raise CheckpointError(f"{ck.path}: could not infer the VAE configuration ({type(e).__name__}: {e})") from None
+    src = {"bits": "encoder.conv_out.conv.weight", "base_ch": "encoder.conv_in.conv.weight",
+           "ch_mult": "encoder.down.<i>.block.0.conv1.conv.weight", "levels": "encoder.down.<i>",
+           "num_res_blocks": "encoder.down.0.block.<j>"}
+    values = {"bits": [cfg.bits], "base_ch": [cfg.base_ch], "ch_mult": list(cfg.ch_mult),
+              "levels": [len(cfg.ch_mult)], "num_res_blocks": [cfg.num_res_blocks]}
+    for field, vals in values.items():
+        bad = [v for v in vals if not 1 <= v <= VAE_LIMITS[field]]
+        if bad:
+            raise CheckpointError(f"{ck.path}: the VAE keys ({src[field]}) imply {field} {bad[0]}; expected "
+                                  f"1..{VAE_LIMITS[field]} - the file is damaged or not an Infinity BSQ VAE")
     return ck, cfg
 
 
@@ -978,17 +1545,17 @@ def _vae_desc(cfg: VAEConfig) -> str:
     return f"{name}{cfg.bits}-bit BSQ VAE, stride {cfg.patch_size}, ch_mult {tuple(cfg.ch_mult)}, base {cfg.base_ch}"
 
 
-def load_vae(path, dtype=torch.float32, device="cpu", *, strict: bool = True):
+def load_vae(path, dtype=torch.float32, device="cpu", *, strict: bool = True, allow_nonfinite: bool = False):
     """Build `vae.BSQVAE` from a VAE checkpoint ({'vae': sd} .pth, safetensors, plain or wrapped
     conv/norm key names). The bit-mask buffer may appear under `quantizer.lfq.mask`, `quantize.lfq.mask`
-    or both; a missing one is recomputed (2^(d-1) ... 2^0). The VAE normally runs in fp32."""
+    or both; a missing one is recomputed (2^(d-1) ... 2^0). The VAE normally runs in fp32.
+    allow_nonfinite: False (default) refuses a weight holding NaN/Inf, naming the key."""
     from . import vae as V
 
     dtype = resolve_dtype(dtype, device)
     ck, cfg = _vae_checkpoint(path)
     try:
-        with torch.device("meta"):
-            model = V.BSQVAE(cfg)
+        model = _build(V.BSQVAE, cfg, ck.path, "a BSQ VAE", _vae_desc(cfg))
         expected = _expected_tensors(model)
         to_fill, _ = _plan(ck, expected, "the BSQ VAE", _vae_desc(cfg), strict=strict, fillable=_is_mask,
                            ignorable=_is_mask, tolerated="the bit-mask aliases *.lfq.mask")
@@ -998,7 +1565,7 @@ def load_vae(path, dtype=torch.float32, device="cpu", *, strict: bool = True):
             if k in to_fill:
                 sd[k] = (2 ** torch.arange(cfg.bits - 1, -1, -1, dtype=torch.int64)).to(ref.dtype).to(device)
             else:
-                sd[k] = ck.materialize(k, dtype, device)
+                sd[k] = ck.materialize(k, dtype, device, allow_nonfinite=allow_nonfinite)
         _assign(model, sd, ck.path)
     finally:
         ck.close()
@@ -1019,14 +1586,14 @@ def _check_pair(tcfg: TransformerConfig, vcfg: VAEConfig, transformer_path, vae_
 
 
 def load_pair(transformer_path, vae_path, dtype="auto", device="cpu", *, vae_dtype=torch.float32,
-              vae_strict: bool = True, **kwargs):
+              vae_strict: bool = True, allow_nonfinite: bool = False, **kwargs):
     """(transformer, vae), refusing a VAE that does not fit the transformer (checked from the names and
-    shapes before any weight is read). kwargs go to `load_transformer`."""
+    shapes before any weight is read). kwargs go to `load_transformer`; allow_nonfinite to both."""
     tcfg = kwargs.get("config") or read_transformer_config(transformer_path, patchify=kwargs.get("patchify"))
     vcfg = read_vae_config(vae_path)
     _check_pair(tcfg, vcfg, transformer_path, vae_path)
-    model = load_transformer(transformer_path, dtype, device, **kwargs)
-    vae = load_vae(vae_path, vae_dtype, device, strict=vae_strict)
+    model = load_transformer(transformer_path, dtype, device, allow_nonfinite=allow_nonfinite, **kwargs)
+    vae = load_vae(vae_path, vae_dtype, device, strict=vae_strict, allow_nonfinite=allow_nonfinite)
     return model, vae
 
 

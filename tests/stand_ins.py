@@ -34,9 +34,8 @@ import torch
 from safetensors.torch import save_file
 
 from infinity_core.transformer import Infinity
-from infinity_core.vae import BSQVAE
 from infinity_core.zoo import TransformerConfig, VAEConfig
-from tiny_models import randomize_, tiny_t5_folder
+from tiny_models import randomize_, tiny_t5_folder, tiny_vae
 
 TEXT_CHANNELS = 128  # d_model of the stand-in flan-t5-xl (the transformers' text_channels)
 
@@ -73,16 +72,7 @@ def transformer_state_dict(cfg: TransformerConfig, seed: int = 0) -> dict[str, t
 
 def vae_state_dict(cfg: VAEConfig, seed: int = 1) -> dict[str, torch.Tensor]:
     """A BSQ VAE with Kaiming-initialised convolutions (its pictures are noise, but not constant)."""
-    vae = BSQVAE(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if p.dim() == 4:
-                torch.nn.init.kaiming_normal_(p, generator=g)
-            elif name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
+    vae = tiny_vae(cfg, seed)
     return {k: v.detach().clone().contiguous() for k, v in vae.state_dict().items()}
 
 

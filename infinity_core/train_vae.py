@@ -162,8 +162,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--full-batch-size", type=int, default=0,
                    help="per-process batch once crops stop (0: --batch-size)")
     g.add_argument("--crop-schedule", default="",
-                   help="progressive crops 'SIZE:UNTIL_STEP:BATCH,...', e.g. '32:800:32,64:1400:16,128:1700:8'; "
-                        "full pictures (--full-batch-size) afterwards. Overrides --crop/--crop-until")
+                   help="phases 'SIZE:UNTIL_STEP:BATCH,...': SIZE = crops of SIZE px, rSIZE = whole pictures shrunk "
+                        "to SIZE px, e.g. 'r128:600:8'; full pictures (--full-batch-size) afterwards. "
+                        "Overrides --crop/--crop-until")
     g.add_argument("--eval-samples", type=int, default=32)
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=8, help="per process")
@@ -259,24 +260,25 @@ def train_vae(args) -> dict:
         sampler = D.TemplateBatchSampler(source.groups, args.batch_size, args.seed, dist.rank, dist.world)
         eval_images, eval_scenes = None, None
 
-    phases = []
+    phases = []  # (until_step, kind 'crop' | 'resize', size, batch)
     for item in filter(None, args.crop_schedule.replace(" ", "").split(",")):
-        size, until, bsz = (int(v) for v in item.split(":"))
-        phases.append((until, size, bsz))
+        size, until, bsz = item.split(":")
+        kind = "resize" if size.startswith("r") else "crop"
+        phases.append((int(until), kind, int(size.lstrip("r")), int(bsz)))
     if not phases and args.crop:
-        phases.append((args.crop_until if args.crop_until >= 0 else 1 << 62, args.crop, args.batch_size))
+        phases.append((args.crop_until if args.crop_until >= 0 else 1 << 62, "crop", args.crop, args.batch_size))
 
     def phase(step):
-        for until, size, bsz in phases:
+        for until, kind, size, bsz in phases:
             if step < until:
-                return size, bsz
-        return 0, (args.full_batch_size or args.batch_size)
+                return kind, size, bsz
+        return None, 0, (args.full_batch_size or args.batch_size)
 
-    max_bs = max([args.batch_size, args.full_batch_size] + [b for _, _, b in phases])
+    max_bs = max([args.batch_size, args.full_batch_size] + [p[3] for p in phases])
 
     def get_images(step):
-        crop, bs = phase(step)
-        cropping = crop > 0
+        kind, crop, bs = phase(step)
+        cropping = kind == "crop"
         if sampler is None:
             k = len(templates)
             base = (step * dist.world + dist.rank) * max_bs
@@ -296,6 +298,12 @@ def train_vae(args) -> dict:
                     x = rng.randrange(0, (W - c) // st + 1) * st
                     crops.append(im[:, y:y + c, x:x + c])
                 img = torch.stack(crops)
+        elif kind == "resize":  # the whole picture, shrunk (area filter): every sample keeps its context
+            H, W = img.shape[-2:]
+            s_ = crop / max(H, W)
+            hw = (max(cfg.patch_size, round(H * s_ / cfg.patch_size) * cfg.patch_size),
+                  max(cfg.patch_size, round(W * s_ / cfg.patch_size) * cfg.patch_size))
+            img = F.interpolate(img, size=hw, mode="area")
         return img.to(device).contiguous(memory_format=mf)
 
     start = 0

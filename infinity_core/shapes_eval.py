@@ -421,12 +421,6 @@ def run(args) -> int:
     return 0 if (all(ok.values()) or not args.check_targets) else 1
 
 
-def main(argv=None) -> int:
-    """`python -m infinity_core.<module>` works without the package's command table too."""
-    p = argparse.ArgumentParser(description=HELP)
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .train import command_main
+    raise SystemExit(command_main(HELP, add_arguments, run))

@@ -87,6 +87,25 @@ class Dist:
             print(*a, **k, flush=True)
 
 
+def start_run(args):
+    """Threads, process group and output folder of a training run -> (dist, out, start time)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist = setup_distributed(args.device)
+    out = Path(args.out).expanduser()
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    return dist, out, time.time()
+
+
+def command_main(help_text, add_arguments, run, argv=None) -> int:
+    """`python -m infinity_core.<module>`: the subcommand without the package's command table."""
+    p = argparse.ArgumentParser(description=help_text)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
 def setup_distributed(device: str = "auto") -> Dist:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: init the process group (NCCL on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -639,15 +658,8 @@ def train(args) -> dict:
     from .transformer import Infinity, bit_cross_entropy
     from . import data as D
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dist = setup_distributed(args.device)
+    dist, out, t_start = start_run(args)
     device = dist.device
-    out = Path(args.out).expanduser()
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    t_start = time.time()
 
     if args.create_text_encoder and not Path(args.text_encoder).exists():
         if dist.main:
@@ -893,12 +905,5 @@ def _prefix_opt(osd: dict) -> dict:
     return osd
 
 
-def main(argv=None) -> int:
-    """`python -m infinity_core.<module>` works without the package's command table too."""
-    p = argparse.ArgumentParser(description=HELP)
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(command_main(HELP, add_arguments, run))

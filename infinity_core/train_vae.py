@@ -43,7 +43,7 @@ from . import bsq
 from . import schedules as S
 from .train import (DEFAULT_OUT, Dist, _plain, atomic_torch_save, cleanup_distributed, full_state_dict,
                     jsonl_append, load_model_state, load_optimizer_state, lr_at, optimizer_state, save_safetensors,
-                    seed_step, setup_distributed, step_seed, wrap_model)
+                    seed_step, start_run, step_seed, wrap_model, command_main)
 from .zoo import VAEConfig
 
 HELP = "train a BSQ VAE tokenizer (reconstruction + BSQ commitment and entropy losses)"
@@ -216,15 +216,8 @@ def train_vae(args) -> dict:
     from . import data as D
     from .vae import BSQVAE
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dist = setup_distributed(args.device)
+    dist, out, t_start = start_run(args)
     device = dist.device
-    out = Path(args.out).expanduser()
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    t_start = time.time()
     cfg = VAEConfig(bits=args.bits, patch_size=args.patch_size,
                     ch_mult=tuple(int(c) for c in args.ch_mult.replace(",", " ").split()),
                     base_ch=args.base_ch, num_res_blocks=args.num_res_blocks, name="custom")
@@ -395,12 +388,5 @@ def train_vae(args) -> dict:
     return summary
 
 
-def main(argv=None) -> int:
-    """`python -m infinity_core.<module>` works without the package's command table too."""
-    p = argparse.ArgumentParser(description=HELP)
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(command_main(HELP, add_arguments, run))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import model_paths
+from .edit_node import NODES as _EDIT_NODES
 from .loader_nodes import NODES as _LOADER_NODES
 from .sampler_node import NODES as _SAMPLER_NODES
 from .schedule_node import NODES as _SCHEDULE_NODES
@@ -16,8 +17,9 @@ from .vae_nodes import NODES as _VAE_NODES
 
 model_paths.register_folders()
 
-# Order of the Infinity menu: loaders, prompt, size, sampling, decoding.
-ALL_NODES: list[type[io.ComfyNode]] = [*_LOADER_NODES, *_TEXT_NODES, *_SCHEDULE_NODES, *_SAMPLER_NODES, *_VAE_NODES]
+# Order of the Infinity menu: loaders, prompt, size, sampling, editing, decoding.
+ALL_NODES: list[type[io.ComfyNode]] = [*_LOADER_NODES, *_TEXT_NODES, *_SCHEDULE_NODES, *_SAMPLER_NODES, *_EDIT_NODES,
+                                       *_VAE_NODES]
 
 
 class InfinityExtension(ComfyExtension):

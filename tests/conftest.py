@@ -32,7 +32,8 @@ from comfy_server import ComfyError, ComfyServer  # noqa: E402
 
 COMFY_PLUGIN_NAME = "ComfyUI-Infinity"
 COMFY_EXPECT_NODES = ["InfinityModelLoader", "InfinityTextEncoderLoader", "InfinityTextEncode",
-                      "InfinityScaleSchedule", "InfinitySampler", "InfinityVAEDecode", "InfinityVAEEncode"]
+                      "InfinityScaleSchedule", "InfinitySampler", "InfinityEdit", "InfinityVAEDecode",
+                      "InfinityVAEEncode"]
 
 
 class _Unprovisioned(Exception):

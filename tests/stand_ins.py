@@ -164,6 +164,9 @@ def remove(path) -> None:
 # ---------------------------------------------------------------------------------------------
 REPO = Path(__file__).resolve().parents[1]
 REAL_BUNDLE = REPO / "bundled" / "infinity_tiny_shapes"
+# test-only nodes (a one-channel IMAGE maker, a probe of INFINITY_CODES), loaded next to the pack
+TEST_NODES_PLUGIN = "ComfyUI-Infinity-TestNodes"
+TEST_NODES_DIR = REPO / "tests" / "comfy_test_nodes"
 
 class InfinityEnv:
     """A running ComfyUI (tests/comfy_server.ComfyServer) with ComfyUI-Infinity and the stand-ins:
@@ -172,7 +175,9 @@ class InfinityEnv:
     - an extra_model_paths.yaml section `infinity_extra` whose `infinity` folder holds
       extra/infinity_2b_extra.pth (the 2B stand-in under another name);
     - the bundled model: the real bundled/infinity_tiny_shapes/ when it exists, else a stand-in
-      passed through INFINITY_BUNDLED_DIR (`bundle_is_stand_in` says which).
+      passed through INFINITY_BUNDLED_DIR (`bundle_is_stand_in` says which);
+    - the test-only nodes of tests/comfy_test_nodes/ (custom-node package TEST_NODES_PLUGIN): a
+      one-channel IMAGE maker and a probe that shows INFINITY_CODES in the history.
     The torch thread count of the server is INFINITY_TEST_THREADS (default 1: CI machines have 2
     cores, shared with the test process)."""
 
@@ -200,13 +205,14 @@ class InfinityEnv:
         stub = REPO / "scripts" / "stubs"
         base = self.root / "comfyui"
         base.mkdir(parents=True, exist_ok=True)
+        import conftest  # the repository's tests/conftest.py: the nodes the pack must register
         self.server = ComfyServer(
-            comfy_dir, python, {"ComfyUI-Infinity": str(REPO)}, base_dir=str(base), models_dir=str(self.models_dir),
+            comfy_dir, python, {"ComfyUI-Infinity": str(REPO), TEST_NODES_PLUGIN: str(TEST_NODES_DIR)},
+            base_dir=str(base), models_dir=str(self.models_dir),
             extra_model_paths={"infinity_extra": {"base_path": str(self.extra_dir), "infinity": "more_infinity"}},
             env=env, torchvision_stubs=str(stub),
             log_path=os.environ.get("INFINITY_COMFY_LOG") or str(self.root / "comfyui.log"),
-            expect_nodes=["InfinityModelLoader", "InfinityTextEncoderLoader", "InfinityTextEncode",
-                          "InfinityScaleSchedule", "InfinitySampler", "InfinityVAEDecode", "InfinityVAEEncode"])
+            expect_nodes=[*conftest.COMFY_EXPECT_NODES, "InfinityTestImageChannels", "InfinityTestCodesProbe"])
         self.server.start()
         return self.server
 

@@ -1,8 +1,9 @@
 """The real ComfyUI page in headless Chromium (tests/browser/check_workflows.mjs, playwright-core):
 every shipped workflow loads with no missing node types, shows its saved widget values, converts to
 the same API graph as its twin in workflows/api/, and the page logs no errors; the sampler refuses a
-per-scale list of the wrong length before anything is queued; the bundled workflow runs from the
-page. Screenshots are kept in test-artifacts/browser/ (INFINITY_TEST_ARTIFACTS overrides).
+per-scale list of the wrong length before anything is queued; the bundled workflows (text to image,
+editing) run from the page, and the reports of Infinity Text Encode and Infinity Edit show on their
+nodes. Screenshots are kept in test-artifacts/browser/ (INFINITY_TEST_ARTIFACTS overrides).
 
 Needs Debian's chromium and `npm ci` in tests/browser (scripts/setup_browser.sh does both). Without
 them the test is skipped, or fails when CI=true.
@@ -59,9 +60,11 @@ def test_workflows_in_the_real_page(infinity):
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    source = REPO / "workflows" / "input" / "infinity_edit_source.png"  # the picture the edit workflow loads
+    shutil.copy(source, Path(srv.input_dir) / source.name)
     cmd = [node, str(BROWSER_DIR / "check_workflows.mjs"), "--url", srv.url, "--workflows", str(REPO / "workflows"),
            "--api", str(REPO / "workflows" / "api"), "--out", str(out), "--chromium", chromium,
-           "--run", "infinity_t2i_bundled", "--validate", "infinity_2b_per_scale_cfg"]
+           "--run", "infinity_t2i_bundled,infinity_edit_bundled", "--validate", "infinity_2b_per_scale_cfg"]
     r = subprocess.run(cmd, cwd=BROWSER_DIR, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "NO_PROXY": "127.0.0.1,localhost"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -76,8 +79,11 @@ def test_workflows_in_the_real_page(infinity):
         assert wf["extensionErrors"] == {}, (name, wf["extensionErrors"])
         assert (out / f"{name}.png").is_file()
         info = wf["info"]
-        assert "scales" in info.get("InfinityScaleSchedule", ""), info
-        assert "schedule:" in info.get("InfinitySampler", ""), info
+        types = {n["type"] for n in json.loads((REPO / "workflows" / f"{name}.json").read_text())["nodes"]}
+        if "InfinityScaleSchedule" in types:
+            assert "scales" in info.get("InfinityScaleSchedule", ""), info
+        if "InfinitySampler" in types:
+            assert "schedule:" in info.get("InfinitySampler", ""), info
     # live info: the per-scale workflow's list fits its 13 scales
     per_scale = res["workflows"]["infinity_2b_per_scale_cfg"]
     assert "cfg_list: 13 values ✓" in per_scale["info"]["InfinitySampler"], per_scale["info"]
@@ -94,6 +100,12 @@ def test_workflows_in_the_real_page(infinity):
     assert bundled["runFromPage"] == "success", bundled
     assert bundled["runOutputs"]["7"]["images"], bundled["runOutputs"]
     assert bundled["textEncodeInfo"] and "tokens" in bundled["textEncodeInfo"], bundled
+    # the editing workflow runs from the page, and the k it used shows on the Infinity Edit node
+    edit = res["workflows"]["infinity_edit_bundled"]
+    assert edit["runFromPage"] == "success", edit
+    assert edit["runOutputs"]["7"]["images"], edit["runOutputs"]
+    assert (edit["editInfo"] or "").startswith("keep_scales 4 of 7 (from strength 0.50)\n"
+                                               "source 256x256 -> 1:1, 256x256, tier 0.06M"), edit
     errors = [line for line in res["console"] + res["pageErrors"]
               if not any(h in line for h in HARMLESS) and not line.startswith(KNOWN_FRONTEND_ERROR)]
     # the page logs the prompt our extension refused (as it logs a server's 400): exactly that one

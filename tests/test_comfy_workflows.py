@@ -5,7 +5,9 @@ end through `comfy run --wait` and through the HTTP API (POST /prompt, then /his
 Workflows that name the official weights (infinity_2b_reg.pth, infinity_vae_d32reg.pth, flan-t5-xl,
 infinity_8b_weights, infinity_vae_d56_f8_14_patchify.pth) run against random-weight stand-ins
 placed under those names (tests/stand_ins.py): the graph and the loaders are what is tested. The
-bundled-model workflow runs against bundled/infinity_tiny_shapes/ when it exists, else a stand-in.
+bundled-model workflows run against bundled/infinity_tiny_shapes/ when it exists, else a stand-in.
+The editing workflow loads workflows/input/infinity_edit_source.png (generated here too, from the
+shapes renderer of infinity_core.data); the tests copy it into ComfyUI's input folder.
 
 Regenerate the files after changing a spec:  python tests/test_comfy_workflows.py
 """
@@ -53,9 +55,19 @@ NODE_DEFS = {
                                    ("negative", "INFINITY_CONDITIONING")],
                         "optional": ["negative"],
                         "outputs": [("codes", "INFINITY_CODES")]},
+    "InfinityEdit": {"widgets": ["keep_scales", "strength", "seed", "cfg", "cfg_list", "tau", "tau_list", "top_k",
+                                 "top_p", "batch_size"],
+                     "control_after_generate": ["seed"],
+                     "inputs": [("model", "INFINITY_MODEL"), ("source", "IMAGE"), ("positive", "INFINITY_CONDITIONING"),
+                                ("negative", "INFINITY_CONDITIONING"), ("mask", "MASK")],
+                     "optional": ["negative", "mask"],
+                     "outputs": [("codes", "INFINITY_CODES")]},
     "InfinityVAEDecode": {"widgets": [], "inputs": [("model", "INFINITY_MODEL"), ("codes", "INFINITY_CODES")],
                           "outputs": [("IMAGE", "IMAGE")]},
     "SaveImage": {"widgets": ["filename_prefix"], "inputs": [("images", "IMAGE")], "outputs": []},
+    # the page saves the value of Load Image's upload button after the file name
+    "LoadImage": {"widgets": ["image"], "ui_extra_values": ["image"], "inputs": [],
+                  "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")]},
 }
 
 CFG_LIST_1M = "4, 4, 4, 4, 4, 3.5, 3.5, 3, 3, 3, 2, 1.5, 1"  # 13 scales: strong for layout, weak for detail
@@ -87,6 +99,47 @@ def _sampler(seed, cfg=3.0, tau=1.0, cfg_list="", tau_list=""):
 
 def _schedule(aspect="1:1 (1024x1024)", tier="1M", width=1024, height=1024):
     return {"mode": "aspect ratio", "aspect_ratio": aspect, "tier": tier, "width": width, "height": height}
+
+
+def _edit(name, title, note, loader, text_encoder, prompt, source: Path, settings, prefix):
+    """An editing graph: loaders -> encode (the new prompt); Load Image (the source) -> Infinity Edit ->
+    decode -> SaveImage. `source` is put into ComfyUI's input folder by the tests."""
+    return {
+        "name": name, "title": title, "note": note, "source": source,
+        "nodes": {
+            1: ("InfinityModelLoader", "Load Infinity Model", loader),
+            2: ("InfinityTextEncoderLoader", "Load Infinity Text Encoder", text_encoder),
+            3: ("InfinityTextEncode", "New prompt", {"prompt": prompt}),
+            4: ("LoadImage", "Load Image (the picture to edit)", {"image": source.name}),
+            5: ("InfinityEdit", "Infinity Edit", settings),
+            6: ("InfinityVAEDecode", "Infinity VAE Decode", {}),
+            7: ("SaveImage", "Save Image", {"filename_prefix": prefix}),
+        },
+        "links": [(2, 0, 3, "text_encoder"), (1, 0, 5, "model"), (4, 0, 5, "source"), (3, 0, 5, "positive"),
+                  (1, 0, 6, "model"), (5, 0, 6, "codes"), (6, 0, 7, "images")],
+        # layout (node id or 8, the note): Load Image and its preview above the prompt, the note below
+        # the text encoder loader
+        "positions": {3: (440, 430), 8: (40, 480)},
+        "sizes": {3: (380, 180), 4: (380, 340), 5: (360, 560), 8: (380, 200)},
+    }
+
+
+def _edit_settings(seed, keep_scales=-1, strength=0.5, cfg=3.0, tau=1.0):
+    sampler = _sampler(seed, cfg=cfg, tau=tau)
+    del sampler["cfg_insertion_layer"]
+    return {"keep_scales": keep_scales, "strength": strength, **sampler}
+
+
+# The picture the editing workflow loads: "a large red circle on the left, blue background", drawn by
+# the shapes renderer the bundled model was trained on (nominal scene, no jitter).
+EDIT_SOURCE = WORKFLOWS_DIR / "input" / "infinity_edit_source.png"
+
+
+def edit_source_pixels():
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from infinity_core.data import Scene, ShapeObject, render_scene
+    return render_scene(Scene("blue", (ShapeObject("circle", "red", "large", "left"),)), 256, 256)
 
 
 LOADER_2B = {"transformer": "infinity_2b_reg.pth", "vae": "infinity_vae_d32reg.pth", "weight_dtype": "auto",
@@ -132,6 +185,18 @@ SPECS = [
          "Needs about 40 GB of GPU memory in bf16.",
          LOADER_8B, T5, "a cozy reading nook with a cat asleep on a pile of books, warm afternoon light",
          _schedule(), _sampler(5, cfg=3.0, tau=1.0), "Infinity/8b_1024"),
+    # As for the first workflow: once the bundled model lands, its defaults.json and the k that its
+    # recolouring evaluation recommends go here.
+    _edit("infinity_edit_bundled", "Infinity: edit a picture (bundled tiny-shapes model)",
+          "Editing without training: Infinity Edit encodes the picture into per-scale bits, keeps the coarse scales "
+          "(layout, colour masses) and re-draws the finer ones under the new prompt. keep_scales -1 takes the number "
+          "of kept scales from strength (the node shows the k it used); connect a MASK (e.g. painted in Load "
+          "Image's mask editor) to re-draw only that region. The example picture is workflows/input/"
+          "infinity_edit_source.png of this node pack: copy it into ComfyUI/input/, or pick any picture.",
+          {"transformer": BUNDLED, "vae": "auto", "weight_dtype": "auto", "attention": "auto"},
+          {"text_encoder": BUNDLED, "dtype": "auto"},
+          "a large green circle on the left, blue background", EDIT_SOURCE,
+          _edit_settings(42, keep_scales=-1, strength=0.5), "Infinity/edit_bundled"),
 ]
 
 COLUMNS = {1: (40, 60), 2: (40, 330), 3: (440, 330), 4: (440, 60), 5: (860, 60), 6: (1260, 60), 7: (1260, 220),
@@ -179,7 +244,9 @@ def ui_workflow(spec: dict) -> dict:
             widgets_values.append(values[w])
             if w in d.get("control_after_generate", []):
                 widgets_values.append("fixed")
-        nodes.append({"id": nid, "type": ctype, "pos": list(COLUMNS[nid]), "size": list(SIZES[nid]), "flags": {},
+        widgets_values += d.get("ui_extra_values", [])
+        pos, size = spec.get("positions", {}).get(nid, COLUMNS[nid]), spec.get("sizes", {}).get(nid, SIZES[nid])
+        nodes.append({"id": nid, "type": ctype, "pos": list(pos), "size": list(size), "flags": {},
                       "order": order, "mode": 0, "inputs": inputs, "outputs": outputs, "title": title,
                       "properties": {"Node name for S&R": ctype}, "widgets_values": widgets_values})
     for (src, slot, dst, name), lid in link_id.items():
@@ -187,7 +254,8 @@ def ui_workflow(spec: dict) -> dict:
         dst_slot = [n for n, _ in d_dst["inputs"]].index(name)
         links.append([lid, src, slot, dst, dst_slot, d_src["outputs"][slot][1]])
     note_id = max(spec["nodes"]) + 1
-    nodes.append({"id": note_id, "type": "Note", "pos": list(COLUMNS[8]), "size": list(SIZES[8]), "flags": {},
+    pos, size = spec.get("positions", {}).get(8, COLUMNS[8]), spec.get("sizes", {}).get(8, SIZES[8])
+    nodes.append({"id": note_id, "type": "Note", "pos": list(pos), "size": list(size), "flags": {},
                   "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "title": spec["title"],
                   "properties": {}, "widgets_values": [spec["note"]], "color": "#432", "bgcolor": "#653"})
     return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-infinity/" + spec["name"])), "revision": 0,
@@ -208,10 +276,14 @@ def expected_files() -> dict[Path, str]:
 
 
 def write_files() -> None:
+    from PIL import Image
     API_DIR.mkdir(parents=True, exist_ok=True)
     for path, text in expected_files().items():
         path.write_text(text, encoding="utf-8")
         print(path.relative_to(REPO))
+    EDIT_SOURCE.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(edit_source_pixels()).save(EDIT_SOURCE, optimize=True)
+    print(EDIT_SOURCE.relative_to(REPO))
 
 
 # ------------------------------------------------------------------------ without a server
@@ -224,10 +296,21 @@ def test_shipped_workflows_are_generated_from_the_specs():
     assert shipped == set(files), f"unexpected workflow files: {sorted(map(str, shipped - set(files)))}"
 
 
+def test_edit_source_picture_is_the_rendered_scene():
+    import numpy as np
+    from PIL import Image
+    assert EDIT_SOURCE.is_file(), f"{EDIT_SOURCE} is missing: run python tests/test_comfy_workflows.py"
+    with Image.open(EDIT_SOURCE) as pic:
+        assert pic.mode == "RGB" and np.array_equal(np.asarray(pic), edit_source_pixels()), \
+            f"{EDIT_SOURCE} is stale: run python tests/test_comfy_workflows.py"
+
+
 def test_workflows_name_the_official_files():
     by_name = {s["name"]: api_workflow(s) for s in SPECS}
     loaders = {n: g["1"]["inputs"] for n, g in by_name.items()}
     assert loaders["infinity_t2i_bundled"]["transformer"] == BUNDLED
+    assert loaders["infinity_edit_bundled"]["transformer"] == BUNDLED
+    assert by_name["infinity_edit_bundled"]["4"]["inputs"]["image"] == EDIT_SOURCE.name
     for n in ("infinity_2b_t2i_1024", "infinity_2b_wide", "infinity_2b_per_scale_cfg"):
         assert (loaders[n]["transformer"], loaders[n]["vae"]) == ("infinity_2b_reg.pth", "infinity_vae_d32reg.pth")
         assert by_name[n]["2"]["inputs"]["text_encoder"] == "flan-t5-xl"
@@ -243,11 +326,14 @@ def test_bundled_workflow_uses_the_bundled_defaults():
     if not defaults.is_file():
         pytest.skip("bundled/infinity_tiny_shapes/defaults.json does not exist yet")
     want = json.loads(defaults.read_text())
+    for spec in SPECS:
+        if spec["nodes"][1][2]["transformer"] == BUNDLED:  # the sampler or the edit node
+            settings = api_workflow(spec)["5"]["inputs"]
+            for key in ("cfg", "tau", "top_k", "top_p"):
+                if key in want:
+                    assert settings[key] == want[key], (spec["name"], key, settings[key], want[key])
     graph = api_workflow(SPECS[0])
-    sampler, schedule = graph["5"]["inputs"], graph["4"]["inputs"]
-    for key in ("cfg", "tau", "top_k", "top_p"):
-        if key in want:
-            assert sampler[key] == want[key], (key, sampler[key], want[key])
+    schedule = graph["4"]["inputs"]
     if "tier" in want:
         assert schedule["tier"] == want["tier"]
     if "h_div_w" in want:
@@ -352,16 +438,30 @@ def _pngs(srv, entry: dict, node: str = "7") -> list[Path]:
     return out
 
 
+def _place_inputs(srv, spec) -> None:
+    """Copy the picture a workflow loads into ComfyUI's input folder (Load Image lists that folder)."""
+    if "source" in spec:
+        shutil.copy(spec["source"], Path(srv.input_dir) / spec["source"].name)
+
+
 @pytest.mark.parametrize("name", [s["name"] for s in SPECS])
 def test_comfy_cli_converts_the_ui_file_to_the_api_twin(infinity, name):
+    _place_inputs(infinity.server, next(s for s in SPECS if s["name"] == name))
     converted = print_prompt(infinity.server, WORKFLOWS_DIR / f"{name}.json")
     twin = json.loads((API_DIR / f"{name}.json").read_text())
     assert _strip(converted) == _strip(twin)
 
 
 def _expected_size(spec) -> tuple[int, int]:
+    """(width, height) of the PNGs: the schedule's size, or for an edit the size nearest its source's."""
     sys.path.insert(0, str(REPO))
+    from PIL import Image
     from infinity_core import schedules
+    if "source" in spec:
+        with Image.open(spec["source"]) as pic:
+            sched, _, _ = schedules.schedule_for_size(*pic.size)
+        h, w = schedules.image_size(sched)
+        return w, h
     s = spec["nodes"][4][2]
     label = s["aspect_ratio"]
     w_r, h_r = (int(v) for v in label.split(" ")[0].split(":"))
@@ -377,6 +477,7 @@ def test_workflow_runs_with_comfy_run_and_the_http_api(infinity, name):
     from PIL import Image
     srv = infinity.server
     spec = next(s for s in SPECS if s["name"] == name)
+    _place_inputs(srv, spec)
     t0 = time.monotonic()
     r = run_comfy_cli(srv, "run", "--workflow", str(WORKFLOWS_DIR / f"{name}.json"), "--wait", "--timeout", "300")
     env = envelope(r.stdout)

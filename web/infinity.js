@@ -6,7 +6,8 @@
 // On every "Infinity Sampler" node it shows whether cfg_list / tau_list fit the connected schedule's
 // number of scales, and before a prompt is queued it refuses one whose per-scale list has the wrong
 // length (the same error display as the server's validation, without a round trip). On "Infinity
-// Text Encode" it shows the token count the server reported (and any truncation).
+// Text Encode" it shows the token count the server reported (and any truncation); on "Infinity
+// Edit" the report of its last run (the keep_scales k it used, the size, the mask, warnings).
 import { app } from "../../scripts/app.js";
 import { api, PromptExecutionError } from "../../scripts/api.js";
 import { MODE_SIZE, computeSchedule } from "./schedule_math.js";
@@ -16,6 +17,7 @@ const EXTENSION = "ComfyUI-Infinity.ScaleSchedule";
 const NODE_CLASS = "InfinityScaleSchedule";
 const SAMPLER_CLASS = "InfinitySampler";
 const TEXT_ENCODE_CLASS = "InfinityTextEncode";
+const EDIT_CLASS = "InfinityEdit";
 const INFO_WIDGET = "schedule_info";
 const WATCHED = ["mode", "aspect_ratio", "tier", "width", "height"];
 const SAMPLER_WATCHED = ["cfg_list", "tau_list"];
@@ -212,14 +214,14 @@ function attachInfo(node, options = {}) {
 const SAMPLER_INFO = { describe: describeSampler, watched: SAMPLER_WATCHED, widgetName: "sampler_info",
                        className: "comfyui-infinity-sampler-info", height: 62 };
 
-function hookTextEncode(nodeType) {
+/** Show the text a node's run reported (its `ui.text`) under the node. */
+function hookReport(nodeType, { widgetName, className, height }) {
   const onExecuted = nodeType.prototype.onExecuted;
   nodeType.prototype.onExecuted = function (message, ...rest) {
     const r = onExecuted?.apply(this, [message, ...rest]);
     const text = Array.isArray(message?.text) ? message.text.join("\n") : message?.text;
     if (text != null) {
-      attachInfo(this, { describe: (n) => n.__infinityReport ?? "", watched: [], widgetName: "token_info",
-                         className: "comfyui-infinity-token-info", height: 30 });
+      attachInfo(this, { describe: (n) => n.__infinityReport ?? "", watched: [], widgetName, className, height });
       this.__infinityReport = String(text);
       refresh(this);
     }
@@ -248,7 +250,12 @@ app.registerExtension({
   name: EXTENSION,
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData?.name === SAMPLER_CLASS) return hookSampler(nodeType);
-    if (nodeData?.name === TEXT_ENCODE_CLASS) return hookTextEncode(nodeType);
+    if (nodeData?.name === TEXT_ENCODE_CLASS) {
+      return hookReport(nodeType, { widgetName: "token_info", className: "comfyui-infinity-token-info", height: 30 });
+    }
+    if (nodeData?.name === EDIT_CLASS) {
+      return hookReport(nodeType, { widgetName: "edit_info", className: "comfyui-infinity-edit-info", height: 92 });
+    }
     if (nodeData?.name !== NODE_CLASS) return;
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function (...args) {

@@ -2,12 +2,13 @@
 // chromium; run by tests/test_comfy_browser.py, which starts the server).
 //
 //   node check_workflows.mjs --url http://127.0.0.1:PORT --workflows DIR --api DIR --out DIR
-//                            [--run NAME] [--validate NAME] [--chromium PATH]
+//                            [--run NAME[,NAME...]] [--validate NAME] [--chromium PATH]
 //
 // For every UI-format workflow in --workflows it: loads it the way the page does (app.loadGraphData),
 // records node types the frontend reports missing, compares the widget values it shows with the file,
 // converts it as "Queue" would (app.graphToPrompt) and compares with the API twin in --api, and saves a
-// screenshot. --run NAME queues that workflow from the page and waits for it; --validate NAME puts a
+// screenshot. --run NAMES queues those workflows from the page and waits for them (and reads the reports
+// the extension shows on Infinity Text Encode and Infinity Edit); --validate NAME puts a
 // wrong-length cfg_list on that workflow's sampler and checks the extension refuses to queue it
 // (nothing reaches the server). Console errors and page errors are collected throughout. Every
 // request that leaves loopback is aborted. Prints one JSON object (also written to OUT/result.json).
@@ -22,6 +23,7 @@ for (let i = 2; i < process.argv.length; i++) {
 }
 const url = args.url;
 const out = args.out;
+const runs = typeof args.run === "string" ? args.run.split(",") : [];
 fs.mkdirSync(out, { recursive: true });
 const t0 = Date.now();
 const result = { url, workflows: {}, console: [], pageErrors: [], blocked: [], httpErrors: [], ok: false };
@@ -127,7 +129,7 @@ try {
                        queueLength: queue.queue_running.length + queue.queue_pending.length };
       await page.keyboard.press("Escape");
     }
-    if (args.run === name) {
+    if (runs.includes(name)) {
       const before = new Set(Object.keys(await api("/history")));
       await page.evaluate(async () => { await window.app.queuePrompt(0, 1); });
       const deadline = Date.now() + 300000;
@@ -142,10 +144,12 @@ try {
       r.runFromPage = entry ? entry.status.status_str : "timeout";
       r.runOutputs = entry ? entry.outputs : null;
       await page.waitForTimeout(1500);
-      r.textEncodeInfo = await page.evaluate(() => {
-        const n = (window.app.graph._nodes ?? window.app.graph.nodes).find((x) => x.type === "InfinityTextEncode");
+      const report = (type) => page.evaluate((t) => {
+        const n = (window.app.graph._nodes ?? window.app.graph.nodes).find((x) => x.type === t);
         return n?.__infinityInfoEl?.textContent ?? null;
-      });
+      }, type);
+      r.textEncodeInfo = await report("InfinityTextEncode");
+      r.editInfo = await report("InfinityEdit");
       await page.screenshot({ path: path.join(out, `${name}_ran.png`) });
     }
     result.workflows[name] = r;

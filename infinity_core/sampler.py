@@ -223,11 +223,13 @@ def sample(model: Infinity, kv_compact: torch.Tensor, cu_seqlens: torch.Tensor, 
             if record:
                 result.next_inputs.append(next_tokens)
         if callback is not None:
-            def preview(latent_hw=(hv, wv)):
-                """The partial result decoded at `latent_hw` latent cells (default: this scale's grid)."""
+            def preview(latent_hw=(hv, wv), images=slice(None)):
+                """The partial result decoded at `latent_hw` latent cells (default: this scale's grid),
+                for the batch rows `images` (default all; a UI showing one picture asks for slice(0, 1),
+                which also keeps the decoder's shapes independent of the batch size)."""
                 if vae is None:
                     return None
-                small = bsq.resize_bilinear(summed, latent_hw)
+                small = bsq.resize_bilinear(summed[images], latent_hw)
                 return to_rgb01(vae.decode(small.to(next(vae.parameters()).dtype)))
             callback(si, result.bits[-1], preview)
     return result

@@ -43,6 +43,23 @@ def _in_memory() -> str:
     return ", ".join(f"{n} {k}{'s' if n != 1 else ''}" for k, n in live_counts().items())
 
 
+class _CachedModel(InfinityModel):
+    """The loader's INFINITY_MODEL value. ComfyUI's RAM-pressure cache (`--cache-ram`) scores cached node
+    outputs by `get_ram_usage()` (as for its own ModelPatcher, CLIP and VAE outputs) and drops the
+    biggest first when RAM runs short; without it a model would count as 0.1 byte and be dropped after
+    every image and latent."""
+
+    def get_ram_usage(self) -> int:
+        return int(self.transformer_patcher.model_size() + self.vae_patcher.model_size())
+
+
+class _CachedTextEncoder(InfinityTextEncoder):
+    """The text encoder loader's value, with its weight bytes for ComfyUI's RAM-pressure cache."""
+
+    def get_ram_usage(self) -> int:
+        return int(self.size_bytes())
+
+
 WHERE_TRANSFORMERS = ("ComfyUI/models/infinity/ (the 2B: infinity_2b_reg.pth; the 8B: the whole "
                       "infinity_8b_weights folder)")
 
@@ -150,12 +167,15 @@ class InfinityModelLoader(io.ComfyNode):
         # Cross-attention precision: the released models were trained with bf16 flash-attn, whose rounding
         # "bf16" reproduces; the bundled model was trained and evaluated with exact fp32 math.
         ca_precision = str(defaults.get("ca_precision", "fp32")) if bundled else "bf16"
+        # Cancel before the weights are read. Reading cannot stop halfway (one infinity_core call), and a
+        # finished load is kept: ComfyUI stops the prompt before the next node and caches this output.
+        mm.throw_exception_if_processing_interrupted()
         try:
             tmodel, vmodel = ckpt.load_pair(tpath, vpath, dtype=dtype, device=offload_device, vae_dtype=torch.float32,
                                             attn_backend=attention, ca_precision=ca_precision)
         except (ckpt.CheckpointError, ValueError, OSError) as e:
             fail(node, short(e), e)
-        model = InfinityModel(
+        model = _CachedModel(
             transformer_patcher=make_patcher(tmodel, load_device, offload_device),
             vae_patcher=make_patcher(vmodel, mm.vae_device(), mm.vae_offload_device()),
             transformer_path=tpath, vae_path=vpath, dtype=dtype, attention=tmodel.attn_backend,
@@ -216,6 +236,7 @@ class InfinityTextEncoderLoader(io.ComfyNode):
             path = entries[text_encoder]
         load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
         torch_dtype = te.resolve_dtype(dtype, torch.device(load_device))
+        mm.throw_exception_if_processing_interrupted()  # Cancel before the weights are read (see above)
         try:
             encoder = te.T5TextEncoder(path, device=offload_device, dtype=torch_dtype,
                                        pad_to_max_length=torch.device(load_device).type == "cuda")
@@ -224,8 +245,8 @@ class InfinityTextEncoderLoader(io.ComfyNode):
         _LIVE["text encoder"].add(encoder.model)
         log.info("Infinity: loaded text encoder %s (d_model %d, %s). In memory: %s", path, encoder.width,
                  torch_dtype, _in_memory())
-        return io.NodeOutput(InfinityTextEncoder(encoder, torch.device(load_device), torch.device(offload_device),
-                                                 text_encoder))
+        return io.NodeOutput(_CachedTextEncoder(encoder, torch.device(load_device), torch.device(offload_device),
+                                                text_encoder))
 
 
 NODES: list[type[io.ComfyNode]] = [InfinityModelLoader, InfinityTextEncoderLoader]

@@ -150,7 +150,7 @@ def sample_with_progress(node: str, model: InfinityModel, schedule, rows: int, g
             # at least 2x2 latent cells: a 1x1 map cannot pass the decoder's GroupNorm in every VAE
             size = (max(2, round(hv * shrink)), max(2, round(wv * shrink)))
             try:
-                image = preview(size)  # the running sum at this scale, decoded at <= cap latent cells
+                image = preview(size, slice(0, 1))  # image 0's running sum at this scale, decoded at <= cap latent cells
                 if image is not None:
                     pil = _preview_image(image)  # max_size = its own size: ComfyUI would upscale it
                     shown = ("JPEG", pil, min(PREVIEW_JPEG_MAX, max(pil.size)))

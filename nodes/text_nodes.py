@@ -5,6 +5,7 @@ from comfy_api.latest import io
 
 from ..infinity_core import text_encoder as te
 from .common import CATEGORY, Conditioning, InfinityConditioning, TextEncoder, fail, log, short
+from .interrupt import interruptible
 
 
 def token_report(cond: InfinityConditioning) -> str:
@@ -44,7 +45,9 @@ class InfinityTextEncode(io.ComfyNode):
     def execute(cls, text_encoder, prompt: str) -> io.NodeOutput:
         node = cls.NAME
         try:
-            cond = text_encoder.encode(prompt)
+            # Cancel stops the T5 forward at the next layer (seconds for flan-t5-xl on a CPU)
+            with interruptible(text_encoder.encoder.model):
+                cond = text_encoder.encode(prompt)
         except (ValueError, OSError, RuntimeError) as e:
             fail(node, short(e), e)
         value = InfinityConditioning(cond=cond, prompt=prompt, tokens=int(cond.lens[0]),

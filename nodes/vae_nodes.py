@@ -17,6 +17,7 @@ from ..infinity_core.sampler import to_rgb01
 from ..infinity_core.vae import preprocess_image
 from .common import CATEGORY, Codes, InfinityCodes, InfinityModel, Model, fail, log
 from .interrupt import interruptible
+from .memory import release_free_memory
 from .sampler_node import schedule_of
 from .schedule_node import ScaleSchedule
 
@@ -56,13 +57,20 @@ class InfinityVAEDecode(io.ComfyNode):
         device = model.load(transformer=False, vae=True, memory_required=per_image * 4)
         dtype = next(model.vae.parameters()).dtype
         out = []
-        # Cancel stops the decoder at its next layer (a 1024x1024 decode takes minutes on a CPU); no image
-        # of the batch is returned then, so nothing downstream saves a partial batch
-        with torch.inference_mode(), interruptible(model.vae):
-            for i in range(codes.batch_size):  # one image at a time bounds the decoder's memory
-                img = model.vae.decode(codes.summed_codes[i:i + 1].to(device=device, dtype=dtype))
-                out.append(to_rgb01(img).to(mm.intermediate_device()))
-        return io.NodeOutput(torch.cat(out))
+        try:
+            # Cancel stops the decoder at its next layer (a 1024x1024 decode takes over a minute on a CPU); no
+            # image of the batch is returned then, so nothing downstream saves a partial batch
+            with torch.inference_mode(), interruptible(model.vae):
+                for i in range(codes.batch_size):  # one image at a time bounds the decoder's memory
+                    img = model.vae.decode(codes.summed_codes[i:i + 1].to(device=device, dtype=dtype))
+                    out.append(to_rgb01(img).to(mm.intermediate_device()))
+            images = torch.cat(out)
+        finally:
+            out = img = None
+            # the last Infinity node of a graph: hand the sampler's and the decoder's freed buffers back to
+            # the system (memory.py)
+            release_free_memory()
+        return io.NodeOutput(images)
 
 
 def rgb_images(node: str, image) -> tuple[torch.Tensor, str | None]:

@@ -13,6 +13,7 @@ generator (image i of a batch equals a single-image run with seeds[i]).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -55,17 +56,30 @@ def off_from(value: float, scale: int, num_scales: int, off: float = 1.0) -> lis
     return [float(value) if i < scale else float(off) for i in range(num_scales)]
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)  # ASCII digits only, no '_'
+
+
 def parse_list(text: str, name: str = "list") -> list[float]:
-    """Strict parse of '3, 3, 2.5' (commas and/or spaces). Errors point at the bad item."""
-    items = [t for t in text.replace(",", " ").split()]
+    """Strict parse of '3, 3, 2.5' (items separated by one comma and/or spaces). Errors point at the
+    bad item: an empty item ('3,,3'), anything but a plain decimal number ('1_000', non-ASCII digits,
+    'nan', 'inf'), or a number too large to be finite."""
+    items = [t.strip() for t in text.split(",")] if "," in text else text.split()
+    items = [u for t in items for u in (t.split() or [""])]
+    if items and items[-1] == "" and text.rstrip().endswith(","):
+        items.pop()  # one trailing comma is harmless
     out = []
     for i, item in enumerate(items):
+        if item == "":
+            raise ValueError(f"{name}: item {i + 1} is empty (two commas in a row?)")
         try:
-            out.append(float(item))
+            value = float(item)
         except ValueError:
-            raise ValueError(f"{name}: item {i + 1} ({item!r}) is not a number") from None
-        if not math.isfinite(out[-1]):
+            value = None
+        if value is not None and not math.isfinite(value):  # nan, inf, 1e999
             raise ValueError(f"{name}: item {i + 1} ({item!r}) is not a finite number")
+        if value is None or not _NUMBER.fullmatch(item):
+            raise ValueError(f"{name}: item {i + 1} ({item!r}) is not a number")
+        out.append(value)
     if not out:
         raise ValueError(f"{name} is empty")
     return out

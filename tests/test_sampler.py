@@ -33,6 +33,11 @@ def test_per_scale_lists_and_helpers():
         SM.parse_list("3, x", "cfg list")
     with pytest.raises(ValueError, match="item 1"):
         SM.parse_list("nan", "cfg list")
+    assert SM.parse_list("3,3,") == [3.0, 3.0]  # one trailing comma is harmless
+    for bad, where in (("3,,3", "item 2 is empty"), ("1_000", "item 1"), ("3, \u0663", "item 2"),
+                       ("3, 1e999", "item 2"), (",3", "item 1 is empty")):
+        with pytest.raises(ValueError, match=where):
+            SM.parse_list(bad, "cfg list")
 
 
 def test_wrong_list_length_names_number_of_scales(model, text):

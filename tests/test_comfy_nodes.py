@@ -370,7 +370,7 @@ def test_loaders_list_no_bundled_model_when_it_is_absent(comfy_server):
     assert comfy_server.node_info("InfinityModelLoader")["input"]["required"]["vae"][1]["options"][0] == "auto"
 
 
-PARSE_CASES = ["3", "3, 3, 2.5", "3,3,2.5", "  4 4\t3 ", "1e1, .5, 5., -2, +3", "1_000, 2", "3,,3", "",
+PARSE_CASES = ["3", "3, 3, 2.5", "3,3,2.5", "  4 4\t3 ", "1e1, .5, 5., -2, +3", "1_000, 2", "3,,3", "3,3,", ",3", "3, \u0663", "3 ,  , 4", "",
                " , ", "x", "3, abc", "inf", "1, nan", "-Infinity", "1__0", "1.2.3", "0x10", "1e", "½"]
 
 

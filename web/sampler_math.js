@@ -15,15 +15,24 @@ function pyRepr(s) {
   return s.includes("'") && !s.includes('"') ? `"${s}"` : `'${s.replace(/'/g, "\\'")}'`;
 }
 
+// What parse_list accepts as a number: plain ASCII decimals (no '_', no inf/nan).
+const PLAIN_NUMBER = /^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$/;
+
 /** parse_list("3, 3, 2.5") -> {values: [3, 3, 2.5]} or {error: "..."} (same rules as Python). */
 export function parseList(text, name = "list") {
-  const items = String(text ?? "").replace(/,/g, " ").split(/\s+/).filter((t) => t.length > 0);
+  const str = String(text ?? "");
+  const split = (t) => t.split(/\s+/).filter((u) => u.length > 0);
+  let items = str.includes(",")
+    ? str.split(",").map((t) => t.trim()).flatMap((t) => { const u = split(t); return u.length ? u : [""]; })
+    : split(str);
+  if (items.length && items[items.length - 1] === "" && str.trimEnd().endsWith(",")) items = items.slice(0, -1);
   const values = [];
   for (let i = 0; i < items.length; i++) {
     const item = items[i];
-    if (!PY_FLOAT.test(item)) return { error: `${name}: item ${i + 1} (${pyRepr(item)}) is not a number` };
-    const v = Number(item.replace(/_/g, "").replace(/^([+-]?)inf(inity)?$/i, "$1Infinity"));
-    if (!Number.isFinite(v)) return { error: `${name}: item ${i + 1} (${pyRepr(item)}) is not a finite number` };
+    if (item === "") return { error: `${name}: item ${i + 1} is empty (two commas in a row?)` };
+    const v = PY_FLOAT.test(item) ? Number(item.replace(/_/g, "").replace(/^([+-]?)inf(inity)?$/i, "$1Infinity")) : null;
+    if (v !== null && !Number.isFinite(v)) return { error: `${name}: item ${i + 1} (${pyRepr(item)}) is not a finite number` };
+    if (v === null || !PLAIN_NUMBER.test(item)) return { error: `${name}: item ${i + 1} (${pyRepr(item)}) is not a number` };
     values.push(v);
   }
   if (values.length === 0) return { error: `${name} is empty` };

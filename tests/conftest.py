@@ -97,3 +97,16 @@ def comfy_server(tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+# -- the session's ComfyUI with the random-weight stand-ins of the official files ------------------
+@pytest.fixture(scope="session")
+def infinity(request, tmp_path_factory):
+    """One server for every test file that needs models (tests/stand_ins.py builds them)."""
+    import stand_ins
+    return stand_ins.infinity_env(request, tmp_path_factory)
+
+
+@pytest.fixture
+def srv(infinity):
+    return infinity.server

@@ -24,7 +24,6 @@ REPO = TESTS.parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-import stand_ins  # noqa: E402
 
 BROWSER_DIR = TESTS / "browser"
 # What the page may log without it being our fault: requests to the internet that the check aborts
@@ -34,11 +33,6 @@ BROWSER_DIR = TESTS / "browser"
 HARMLESS = ("net::ERR_FAILED", "api.comfy.org", "Failed to fetch", "ERR_INTERNET_DISCONNECTED",
             "Failed to load resource: the server responded with a status of 404")
 KNOWN_FRONTEND_ERROR = "TypeError: Cannot read properties of undefined (reading 'id')\n    at onChange"
-
-
-@pytest.fixture(scope="session")
-def infinity(request, tmp_path_factory):
-    return stand_ins.infinity_env(request, tmp_path_factory)
 
 
 def _require(ok: bool, msg: str):

@@ -26,7 +26,6 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-import stand_ins  # noqa: E402
 from comfy_server import ComfyError  # noqa: E402
 from test_comfy_sampling import WSListener, t2i  # noqa: E402
 
@@ -38,16 +37,6 @@ from infinity_core.edit import mask_per_scale  # noqa: E402
 NODE = "InfinityEdit"
 PROMPT = "a large green circle on the left, blue background"
 _seed = iter(range(20_000, 10**6))
-
-
-@pytest.fixture(scope="session")
-def infinity(request, tmp_path_factory):
-    return stand_ins.infinity_env(request, tmp_path_factory)
-
-
-@pytest.fixture
-def srv(infinity):
-    return infinity.server
 
 
 # ------------------------------------------------------------------------------------ helpers

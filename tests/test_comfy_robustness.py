@@ -49,16 +49,6 @@ Listener, is_type, is_end = sustained.Listener, sustained.is_type, sustained.is_
 PACK_MODULE = "custom_nodes.ComfyUI-Infinity"
 
 
-@pytest.fixture(scope="session")
-def infinity(request, tmp_path_factory):
-    return stand_ins.infinity_env(request, tmp_path_factory)
-
-
-@pytest.fixture
-def srv(infinity):
-    return infinity.server
-
-
 def bundled(**kw) -> dict:
     return t2i(transformer=BUNDLED, text_encoder=BUNDLED, **kw)
 

@@ -32,16 +32,6 @@ SQUARE = "1:1 (1024x1024)"
 _seed = iter(range(1000, 10**6))
 
 
-@pytest.fixture(scope="session")
-def infinity(request, tmp_path_factory):
-    return stand_ins.infinity_env(request, tmp_path_factory)
-
-
-@pytest.fixture
-def srv(infinity):
-    return infinity.server
-
-
 def t2i(transformer="infinity_2b_reg.pth", vae="auto", text_encoder="flan-t5-xl", prompt="a red circle",
         tier="0.06M", aspect=SQUARE, mode="aspect ratio", width=1024, height=1024, seed=None, cfg=3.0, cfg_list="",
         tau=1.0, tau_list="", batch_size=1, negative=None, layer=0, prefix="test", save=True,

@@ -343,12 +343,6 @@ def test_bundled_workflow_uses_the_bundled_defaults():
 
 
 # --------------------------------------------------------------------------- with a server
-@pytest.fixture(scope="session")
-def infinity(request, tmp_path_factory):
-    import stand_ins
-    return stand_ins.infinity_env(request, tmp_path_factory)
-
-
 def test_widget_order_matches_the_server(infinity):
     """The UI files store widget values by position: the order must be the server's input order."""
     info = infinity.server.node_info()

@@ -778,6 +778,9 @@ class _Shard:
             self.meta = {k: torch.empty(s, dtype=d, device="meta") for k, (d, s) in entries.items()}
         else:
             obj, self.mmapped = _torch_load(path, self.fmt)
+            if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
+                # our .pth files carry their config beside the weights (safetensors: in the metadata)
+                self.metadata = {"infinity.config": json.dumps(_jsonable(obj["config"]))}
             self._tensors, self.wrapper = _unwrap(obj, path)
             self.meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in self._tensors.items()}
 
@@ -850,6 +853,14 @@ class _Shard:
         self._owned = None
         self._st_mmap = None
         self._st_pread = None
+
+
+def _jsonable(value):
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
 def _unwrap(obj, path: Path) -> tuple[dict, str | None]:
@@ -1520,6 +1531,7 @@ def _vae_checkpoint(path) -> tuple[_Checkpoint, VAEConfig]:
         raise
     except Exception as e:
         raise CheckpointError(f"{ck.path}: could not infer the VAE configuration ({type(e).__name__}: {e})") from None
+    cfg = _vae_norm_groups_from_metadata(ck, cfg)
     src = {"bits": "encoder.conv_out.conv.weight", "base_ch": "encoder.conv_in.conv.weight",
            "ch_mult": "encoder.down.<i>.block.0.conv1.conv.weight", "levels": "encoder.down.<i>",
            "num_res_blocks": "encoder.down.0.block.<j>"}
@@ -1531,6 +1543,23 @@ def _vae_checkpoint(path) -> tuple[_Checkpoint, VAEConfig]:
             raise CheckpointError(f"{ck.path}: the VAE keys ({src[field]}) imply {field} {bad[0]}; expected "
                                   f"1..{VAE_LIMITS[field]} - the file is damaged or not an Infinity BSQ VAE")
     return ck, cfg
+
+
+def _vae_norm_groups_from_metadata(ck, cfg: VAEConfig) -> VAEConfig:
+    """GroupNorm has no per-group tensor, so the group count of a VAE other than the released ones
+    (32) comes from the 'infinity.config' metadata our trainer and converter write."""
+    raw = (getattr(ck, "metadata", None) or {}).get("infinity.config")
+    if not raw:
+        return cfg
+    try:
+        groups = json.loads(raw).get("norm_groups", 32)
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{ck.path}: metadata 'infinity.config' is not a JSON object: {_short(raw)}") from None
+    chans = {cfg.base_ch, *(cfg.base_ch * m for m in cfg.ch_mult)}
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or any(c % groups for c in chans):
+        raise CheckpointError(f"{ck.path}: metadata 'infinity.config' gives norm_groups {groups!r}; expected a "
+                              f"positive integer dividing every channel count {sorted(chans)}")
+    return dataclasses.replace(cfg, norm_groups=groups)
 
 
 def read_vae_config(path) -> VAEConfig:

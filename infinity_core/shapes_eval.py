@@ -189,8 +189,9 @@ class Analysis:
         return len(self.objects)
 
 
-def analyze(rgb: np.ndarray) -> Analysis:
-    """Deterministic reading of a picture [H, W, 3] uint8 (or float in [0,1])."""
+def _components(rgb: np.ndarray):
+    """Steps 1-2 of the analyzer: (pixels float [H, W, 3], background median RGB, object masks of at
+    least MIN_AREA_FRAC of the picture, in label order)."""
     img = np.asarray(rgb)
     if img.dtype != np.uint8:
         img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
@@ -201,13 +202,22 @@ def analyze(rgb: np.ndarray) -> Analysis:
     bg_rgb = np.median(frame, axis=0)
     fg = np.sqrt(((f - bg_rgb) ** 2).sum(-1)) > FG_THRESHOLD
     labels, n = label_components(fg)
+    masks = [labels == k for k in range(1, n + 1)]
+    return f, bg_rgb, [m for m in masks if m.sum() >= MIN_AREA_FRAC * H * W]
+
+
+def object_masks(rgb: np.ndarray) -> list[np.ndarray]:
+    """Pixel masks (bool [H, W]) of the objects the analyzer finds, largest first."""
+    return sorted(_components(rgb)[2], key=lambda m: -int(m.sum()))
+
+
+def analyze(rgb: np.ndarray) -> Analysis:
+    """Deterministic reading of a picture [H, W, 3] uint8 (or float in [0,1])."""
+    f, bg_rgb, masks = _components(rgb)
+    H, W, _ = f.shape
     objects = []
-    min_area = MIN_AREA_FRAC * H * W
-    for k in range(1, n + 1):
-        m = labels == k
+    for m in masks:
         area = int(m.sum())
-        if area < min_area:
-            continue
         ys, xs = np.nonzero(m)
         x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
         core = _erode(m, 2)

@@ -150,6 +150,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base-ch", type=int, default=32)
     g.add_argument("--ch-mult", default="1,1,2,2,4")
     g.add_argument("--num-res-blocks", type=int, default=1, help="encoder; the decoder has one more")
+    g.add_argument("--norm-groups", type=int, default=8,
+                   help="GroupNorm groups (released VAEs: 32 with 128 channels; with 32 channels use 8 so "
+                        "each group holds 4 channels, or the decoder cannot keep colours)")
     g.add_argument("--init-from", default=None, help="start from these VAE weights (fine-tuning)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="'shapes' or a folder of official jsonl files")
@@ -205,7 +208,7 @@ def run(args) -> int:
 
 def write_vae_files(sd: dict, cfg: VAEConfig, out: Path):
     from . import __version__
-    atomic_torch_save({"vae": sd}, out / "vae.pth")
+    atomic_torch_save({"vae": sd, "config": _plain(dataclasses.asdict(cfg))}, out / "vae.pth")
     meta = {"infinity.kind": "vae", "infinity.config": json.dumps(dataclasses.asdict(cfg)),
             "infinity.source": "infinity_core.train_vae", "infinity.dtype": "float32",
             "infinity.converter": f"infinity_core {__version__}"}
@@ -220,12 +223,18 @@ def train_vae(args) -> dict:
     device = dist.device
     cfg = VAEConfig(bits=args.bits, patch_size=args.patch_size,
                     ch_mult=tuple(int(c) for c in args.ch_mult.replace(",", " ").split()),
-                    base_ch=args.base_ch, num_res_blocks=args.num_res_blocks, name="custom")
+                    base_ch=args.base_ch, num_res_blocks=args.num_res_blocks, norm_groups=args.norm_groups,
+                    name="custom")
     torch.manual_seed(args.seed)
-    vae = BSQVAE(cfg)
     if args.init_from:
         from .checkpoint import load_vae
-        vae.load_state_dict(load_vae(args.init_from).state_dict())
+        loaded = load_vae(args.init_from)
+        cfg = dataclasses.replace(loaded.cfg, name="custom")
+        vae = BSQVAE(cfg)
+        vae.load_state_dict(loaded.state_dict())
+    else:
+        vae = BSQVAE(cfg)
+        vae.init_for_training()
     vae.to(device).train()
     mf = torch.channels_last if args.channels_last else torch.contiguous_format
     vae.to(memory_format=mf)
@@ -358,6 +367,7 @@ def train_vae(args) -> dict:
         gn = float(torch.nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf")))
         opt.step()
         if dist.main and (step % args.log_every == 0 or step == args.steps - 1):
+            loss, l1, l2 = loss.detach(), l1.detach(), l2.detach()
             psnr = 10 * math.log10(4 / max(float(l2), 1e-12))
             row = {"step": step, "loss": float(loss), "l1": float(l1), "l2": float(l2), "psnr": psnr,
                    "commit": float(st["commit"]), "ent_sample": float(st["ent_sample"]),

@@ -69,6 +69,12 @@ class VAEConfig:
     ch_mult: tuple = (1, 2, 4, 4, 4)   # encoder and decoder
     base_ch: int = 128
     num_res_blocks: int = 2            # encoder; the decoder uses num_res_blocks + 1
+    # GroupNorm groups. Every released VAE uses 32 (with 128 base channels: 4 channels per group).
+    # Small VAEs need fewer groups: with 32 channels, 32 groups are a per-channel instance norm, and
+    # the decoder's last norm then erases the absolute colour of the picture before conv_out (the
+    # bundled model uses 8 = 4 channels per group, as the released ones). Not visible in a state
+    # dict; converted/trained safetensors record it in their 'infinity.config' metadata.
+    norm_groups: int = 32
     name: str = "custom"
 
     @property

@@ -13,7 +13,7 @@
 #   5. export into bundled/infinity_tiny_shapes/ and write MODEL_CARD.md from the logs
 #
 # Budgets are environment variables (steps; wall-clock caps in minutes end a stage early and save):
-#   VAE_STEPS=2800 VAE_MINUTES=40  T_STEPS=3000 T_MINUTES=45  THREADS=0 (torch default)  ABLATION=1
+#   VAE_STEPS=2000 VAE_MINUTES=28  T_STEPS=2000 T_MINUTES=42  DEC_STEPS=400 DEC_MINUTES=12  THREADS=0 (torch default)  ABLATION=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-${INFINITY_COMFY_HOME:-$HOME/.cache/comfyui-infinity}/train/bundled}
@@ -25,8 +25,9 @@ if [ -z "$PY" ]; then
   source "$ENV_FILE"
   PY="$INFINITY_COMFY_PYTHON"
 fi
-VAE_STEPS=${VAE_STEPS:-2800}; VAE_MINUTES=${VAE_MINUTES:-40}
-T_STEPS=${T_STEPS:-3000}; T_MINUTES=${T_MINUTES:-45}
+VAE_STEPS=${VAE_STEPS:-2000}; VAE_MINUTES=${VAE_MINUTES:-28}
+T_STEPS=${T_STEPS:-2000}; T_MINUTES=${T_MINUTES:-42}
+DEC_STEPS=${DEC_STEPS:-400}; DEC_MINUTES=${DEC_MINUTES:-12}
 THREADS=${THREADS:-0}; ABLATION=${ABLATION:-1}
 BUNDLE=bundled/infinity_tiny_shapes
 mkdir -p "$RUN"
@@ -37,40 +38,74 @@ log() { echo "[$(stamp)] $*" | tee -a "$RUN/stages.log" >&2; }
 if [ ! -f "$RUN/vae/done" ]; then
   log "stage 1: VAE ($VAE_STEPS steps, at most $VAE_MINUTES min)"
   "$PY" -m infinity_core train-vae --out "$RUN/vae" --threads "$THREADS" \
-    --bits 16 --base-ch 32 --ch-mult 1,1,2,2,4 --num-res-blocks 1 \
+    --bits 16 --base-ch 32 --ch-mult 1,1,2,2,4 --num-res-blocks 1 --norm-groups 8 \
     --crop-schedule "64:$((VAE_STEPS * 6 / 7)):16,r128:$((VAE_STEPS * 27 / 28)):4" --full-batch-size 2 \
-    --steps "$VAE_STEPS" --max-minutes "$VAE_MINUTES" --lr 1e-3 --warmup-steps 50 \
+    --steps "$VAE_STEPS" --max-minutes "$VAE_MINUTES" --lr 3e-4 --encoder-lr-mult 1 --warmup-steps 50 \
     --eval-every 400 --ckpt-every 200 --log-every 50 --eval-samples 24
   touch "$RUN/vae/done"; log "stage 1 done"
 fi
 
-# 2. T5 + transformer with bitwise self-correction -----------------------------------------------
-train_transformer() {  # OUT, extra args...
-  local out=$1; shift
-  "$PY" -m infinity_core train --vae "$RUN/vae/vae.safetensors" --out "$out" --threads "$THREADS" \
+# 2. T5 + transformer with bitwise self-correction, and 3. the ablation without it ---------------
+# With ABLATION=1 on a machine with 2+ cores the two runs train side by side, one core each (same
+# steps, same data, same seed: only the self-correction differs); the ablation starts once the first
+# run has written the shared feature cache and the initial text encoder.
+train_transformer() {  # OUT, THREADS, CORE (or ''), extra args...
+  local out=$1 threads=$2 core=$3; shift 3
+  local pin=(); [ -n "$core" ] && pin=(taskset -c "$core")
+  "${pin[@]}" "$PY" -m infinity_core train --vae "$RUN/vae/vae.safetensors" --out "$out" --threads "$threads" \
     --text-encoder "$RUN/text_encoder_init" --create-text-encoder --train-text-encoder --t5-width 128 \
-    --depth 6 --width 256 --heads 4 --block-chunks 2 --name infinity_tiny_shapes \
-    --batch-size 16 --steps "$T_STEPS" --max-minutes "$T_MINUTES" --lr 1e-3 --warmup-steps 100 \
+    --depth 4 --width 128 --heads 2 --block-chunks 2 --name infinity_tiny_shapes \
+    --batch-size 8 --steps "$T_STEPS" --max-minutes "$T_MINUTES" --lr 1e-3 --warmup-steps 100 \
     --lr-schedule linear-decay --feature-cache 4000 --cache-dir "$RUN/cache" \
-    --eval-every 500 --ckpt-every 250 --log-every 25 --eval-samples 64 "$@"
+    --eval-every 500 --ckpt-every 250 --log-every 25 --eval-samples 64 "$@" > "$out.log" 2>&1
   touch "$out/done"
 }
+CORE0=""; CORE1=""
+if [ "$ABLATION" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset > /dev/null; then
+  CORE0=0; CORE1=1; [ "$THREADS" = 0 ] && THREADS=1
+fi
+pids=()
 if [ ! -f "$RUN/transformer/done" ]; then
-  log "stage 2: transformer with bitwise self-correction ($T_STEPS steps, at most $T_MINUTES min)"
-  train_transformer "$RUN/transformer"; log "stage 2 done"
+  log "stage 2: transformer with bitwise self-correction ($T_STEPS steps, at most $T_MINUTES min; log $RUN/transformer.log)"
+  mkdir -p "$RUN/transformer"
+  ( train_transformer "$RUN/transformer" "$THREADS" "$CORE0" ) &
+  pids+=($!)
 fi
-
-# 3. ablation: same budget, no self-correction ---------------------------------------------------
 if [ "$ABLATION" = 1 ] && [ ! -f "$RUN/transformer_no_bsc/done" ]; then
-  log "stage 3: ablation without bitwise self-correction"
-  train_transformer "$RUN/transformer_no_bsc" --noise-apply-layers 0; log "stage 3 done"
+  if [ ${#pids[@]} -gt 0 ]; then
+    if [ -n "$CORE1" ]; then  # wait for the shared cache (train + held-out features)
+      while kill -0 "${pids[0]}" 2> /dev/null && [ "$(ls "$RUN"/cache/features-*.pt 2> /dev/null | wc -l)" -lt 2 ]; do
+        sleep 5
+      done
+    else
+      wait "${pids[0]}"; pids=()
+    fi
+  fi
+  log "stage 3: ablation without bitwise self-correction (log $RUN/transformer_no_bsc.log)"
+  mkdir -p "$RUN/transformer_no_bsc"
+  ( train_transformer "$RUN/transformer_no_bsc" "$THREADS" "$CORE1" --noise-apply-layers 0 ) &
+  pids+=($!)
 fi
+for p in "${pids[@]}"; do wait "$p"; done
+[ -f "$RUN/transformer/done" ] || { log "stage 2 failed: see $RUN/transformer.log"; exit 1; }
+log "stages 2-3 done"
+
+# 3b. the VAE decoder sharpened on whole pictures, the encoder frozen (lr 0: its weights, so every
+# bit the transformers were trained on, stay exactly the same) --------------------------------------
+if [ ! -f "$RUN/vae_decoder/done" ]; then
+  log "stage 3b: VAE decoder on whole 256 px pictures, encoder frozen ($DEC_STEPS steps, at most $DEC_MINUTES min)"
+  "$PY" -m infinity_core train-vae --out "$RUN/vae_decoder" --threads 0 --init-from "$RUN/vae/vae.safetensors" \
+    --encoder-lr-mult 0 --batch-size 4 --steps "$DEC_STEPS" --max-minutes "$DEC_MINUTES" --lr 1e-4 \
+    --warmup-steps 0 --eval-every 100 --ckpt-every 50 --log-every 10 --eval-samples 24
+  touch "$RUN/vae_decoder/done"; log "stage 3b done"
+fi
+VAE_FINAL=$RUN/vae_decoder/vae.safetensors
 
 # 4. evaluation ----------------------------------------------------------------------------------
 stage_dir() {  # a model folder the evaluator reads: transformer + VAE + trained T5
   local d=$RUN/eval/$1; mkdir -p "$d"
   ln -sfn "$(realpath "$RUN/$1/transformer.safetensors")" "$d/transformer.safetensors"
-  ln -sfn "$(realpath "$RUN/vae/vae.safetensors")" "$d/vae.safetensors"
+  ln -sfn "$(realpath "$VAE_FINAL")" "$d/vae.safetensors"
   ln -sfn "$(realpath "$RUN/$1/text_encoder")" "$d/text_encoder"
   echo "$d"
 }
@@ -94,7 +129,7 @@ done
 log "stage 5: export into $BUNDLE"
 mkdir -p "$BUNDLE"
 cp "$RUN/transformer/transformer.safetensors" "$BUNDLE/transformer.safetensors"
-cp "$RUN/vae/vae.safetensors" "$BUNDLE/vae.safetensors"
+cp "$VAE_FINAL" "$BUNDLE/vae.safetensors"
 rm -rf "$BUNDLE/text_encoder"; cp -r "$RUN/transformer/text_encoder" "$BUNDLE/text_encoder"
 cp "$D_BSC/defaults.json" "$BUNDLE/defaults.json"
 "$PY" scripts/write_model_card.py "$RUN" "$BUNDLE"

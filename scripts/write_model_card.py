@@ -37,6 +37,8 @@ def bit_acc_row(eval_rows: list[dict]) -> list[float]:
 def card(run: Path, bundle: Path) -> str:
     vae_sum = read_jsonl(run / "vae" / "eval.jsonl")
     vae_log = read_jsonl(run / "vae" / "log.jsonl")
+    dec_sum = read_jsonl(run / "vae_decoder" / "eval.jsonl")
+    dec_log = read_jsonl(run / "vae_decoder" / "log.jsonl")
     t_sum = read_json(run / "transformer" / "summary.json")
     nb_sum = read_json(run / "transformer_no_bsc" / "summary.json")
     ev = read_json(run / "eval" / "transformer.json")
@@ -45,6 +47,7 @@ def card(run: Path, bundle: Path) -> str:
     sizes = {p.name: p.stat().st_size for p in bundle.rglob("*") if p.is_file()}
     total_mb = sum(sizes.values()) / 1e6
     vae_minutes = vae_log[-1]["elapsed_min"] if vae_log else None
+    dec_minutes = dec_log[-1]["elapsed_min"] if dec_log else 0.0
     t_minutes = (t_sum.get("seconds") or 0) / 60
     cfg = t_sum.get("config", {})
 
@@ -63,8 +66,10 @@ def card(run: Path, bundle: Path) -> str:
              f"- transformer: depth {cfg.get('depth')}, width {cfg.get('width')}, heads {cfg.get('num_heads')}, "
              f"{cfg.get('vae_bits')} bits per token, text width {cfg.get('text_channels')}; "
              f"{(t_sum.get('params') or 0) / 1e6:.2f}M parameters",
-             "- VAE: 16 bits, stride 16, base 32 channels x (1, 1, 2, 2, 4), 1 res block; multi-scale BSQ "
-             "along the official 1:1 0.06M schedule (7 scales, 1x1 .. 16x16)",
+             "- VAE: 16 bits, stride 16, base 32 channels x (1, 1, 2, 2, 4), 1 res block, GroupNorm with 8 "
+             "groups (4 channels per group, as in the released VAEs' 128-channel layers; 32 groups on 32 "
+             "channels would be a per-channel instance norm that erases colours before the last "
+             "convolution); multi-scale BSQ along the official 1:1 0.06M schedule (7 scales, 1x1 .. 16x16)",
              "- text encoder: T5 encoder, d_model 128, sentencepiece tokenizer trained on the caption vocabulary",
              f"- default sampling (defaults.json, chosen on a separate prompt set): {json.dumps(defaults)}",
              f"- files: {', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in sorted(sizes.items()) if v > 1e5)}; "
@@ -73,9 +78,17 @@ def card(run: Path, bundle: Path) -> str:
              "```bash", "./scripts/train_bundled.sh", "```", "",
              f"- VAE: {vae_log[-1]['step'] + 1 if vae_log else 'n/a'} steps in "
              f"{vae_minutes if vae_minutes is None else f'{vae_minutes:.1f}'} min; held-out reconstruction "
-             f"PSNR {vae_sum[-1]['psnr']:.2f} dB" if vae_sum else "- VAE: no evaluation recorded",
+             f"PSNR {vae_sum[-1]['psnr']:.2f} dB (64 px crops, then whole pictures)" if vae_sum
+             else "- VAE: no evaluation recorded",
+             f"- VAE decoder sharpened on whole 256 px pictures with the encoder frozen (so the bits the "
+             f"transformer learned stay the same): {dec_log[-1]['step'] + 1} steps in {dec_minutes:.1f} min; "
+             f"held-out PSNR {dec_sum[-1]['psnr']:.2f} dB" if dec_log and dec_sum else "- VAE decoder: not sharpened",
              f"- transformer (with bitwise self-correction): {t_sum.get('steps')} steps, "
-             f"{t_sum.get('samples_seen')} samples, {t_minutes:.1f} min", ""]
+             f"{t_sum.get('samples_seen')} samples, {t_minutes:.1f} min (one core; the ablation run "
+             "without self-correction trained at the same time on the other core)",
+             f"- training time of the bundled model, VAE + transformer + decoder: "
+             f"{(vae_minutes or 0) + t_minutes + dec_minutes:.1f} min on this machine's 2 CPU cores "
+             "(the stages' wall-clock times from their logs; evaluation and export come after)", ""]
 
     lines += ["## Held-out prompt following (`python -m infinity_core eval-shapes`)", ""]
     if ev:

@@ -262,7 +262,31 @@ def test_vae_training_lowers_loss_and_loads(tmp_path):
     for f in ("vae.pth", "vae.safetensors", "vae-ckpt-last.pth"):
         v = load_vae(out / f)
         assert v.cfg.bits == 16 and v.cfg.ch_mult == (1, 1, 1, 1, 1) and v.cfg.num_res_blocks == 1
+        assert v.cfg.norm_groups == 8 and v.decoder.norm_out.norm.num_groups == 8  # --norm-groups default
         assert all(torch.equal(v.state_dict()[k], ck["vae"][k]) for k in ck["vae"])
+
+
+def test_vae_norm_groups_travel_with_the_file(tmp_path):
+    """A VAE trained with 8 GroupNorm groups decodes the same pictures after saving and loading (.pth and
+    safetensors); read as the released 32 groups it would not; a bad group count is refused by name."""
+    import dataclasses
+    from safetensors.torch import save_file
+    from infinity_core.checkpoint import CheckpointError, load_vae
+    cfg = dataclasses.replace(TINY_VAE, norm_groups=8)
+    vae = tiny_vae(cfg)
+    TV.write_vae_files(vae.state_dict(), cfg, tmp_path)
+    codes = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = vae.decode(codes)
+        for f in ("vae.pth", "vae.safetensors"):
+            assert torch.equal(load_vae(tmp_path / f).decode(codes), want), f
+        sd = {k: v.clone() for k, v in vae.state_dict().items()}
+        save_file(sd, str(tmp_path / "no_meta.safetensors"))
+        assert load_vae(tmp_path / "no_meta.safetensors").cfg.norm_groups == 32
+        assert (load_vae(tmp_path / "no_meta.safetensors").decode(codes) - want).abs().max() > 0.05
+    save_file(sd, str(tmp_path / "bad.safetensors"), metadata={"infinity.config": json.dumps({"norm_groups": 5})})
+    with pytest.raises(CheckpointError, match=r"bad.safetensors.*norm_groups 5.*dividing every channel count \[32\]"):
+        load_vae(tmp_path / "bad.safetensors")
 
 
 def _torchrun(args, tmp_path, timeout=300):

@@ -589,6 +589,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shapes: train on a fixed pool of this many pictures whose VAE features are computed "
                         "once and cached (0: draw new pictures every step)")
     g.add_argument("--cache-dir", default=str(DEFAULT_OUT / "cache"))
+    g.add_argument("--cache-only", action="store_true",
+                   help="compute the feature caches (training pool and held-out set) and stop, e.g. with all "
+                        "cores before several runs share them")
     g.add_argument("--eval-samples", type=int, default=64, help="held-out pictures for the bit-accuracy eval")
     g = p.add_argument_group("models")
     g.add_argument("--vae", required=True, help="BSQ VAE checkpoint (frozen)")
@@ -715,6 +718,10 @@ def train(args) -> dict:
     else:
         source = D.JsonlImageText(args.data, args.pn, args.image_root, args.short_cap_prob, templates)
         sampler = D.TemplateBatchSampler(source.groups, args.batch_size, args.seed, dist.rank, dist.world)
+    if args.cache_only:
+        dist.print(f"feature caches ready in {args.cache_dir} ({(time.time() - t_start) / 60:.1f} min)")
+        cleanup_distributed(dist)
+        return {"cache_only": True, "seconds": time.time() - t_start}
 
     def get_batch(step: int) -> dict:
         if pool is not None:

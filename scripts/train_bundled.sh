@@ -13,7 +13,7 @@
 #   5. export into bundled/infinity_tiny_shapes/ and write MODEL_CARD.md from the logs
 #
 # Budgets are environment variables (steps; wall-clock caps in minutes end a stage early and save):
-#   VAE_STEPS=2000 VAE_MINUTES=28  T_STEPS=2000 T_MINUTES=42  DEC_STEPS=400 DEC_MINUTES=12  THREADS=0 (torch default)  ABLATION=1
+#   VAE_STEPS=2000 VAE_MINUTES=28  T_STEPS=2000 T_MINUTES=38  DEC_STEPS=400 DEC_MINUTES=12  THREADS=0 (torch default)  ABLATION=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-${INFINITY_COMFY_HOME:-$HOME/.cache/comfyui-infinity}/train/bundled}
@@ -26,7 +26,7 @@ if [ -z "$PY" ]; then
   PY="$INFINITY_COMFY_PYTHON"
 fi
 VAE_STEPS=${VAE_STEPS:-2000}; VAE_MINUTES=${VAE_MINUTES:-28}
-T_STEPS=${T_STEPS:-2000}; T_MINUTES=${T_MINUTES:-42}
+T_STEPS=${T_STEPS:-2000}; T_MINUTES=${T_MINUTES:-38}
 DEC_STEPS=${DEC_STEPS:-400}; DEC_MINUTES=${DEC_MINUTES:-12}
 THREADS=${THREADS:-0}; ABLATION=${ABLATION:-1}
 BUNDLE=bundled/infinity_tiny_shapes
@@ -47,8 +47,7 @@ fi
 
 # 2. T5 + transformer with bitwise self-correction, and 3. the ablation without it ---------------
 # With ABLATION=1 on a machine with 2+ cores the two runs train side by side, one core each (same
-# steps, same data, same seed: only the self-correction differs); the ablation starts once the first
-# run has written the shared feature cache and the initial text encoder.
+# steps, same data, same seed: only the self-correction differs) on feature caches computed first.
 train_transformer() {  # OUT, THREADS, CORE (or ''), extra args...
   local out=$1 threads=$2 core=$3; shift 3
   local pin=(); [ -n "$core" ] && pin=(taskset -c "$core")
@@ -56,10 +55,15 @@ train_transformer() {  # OUT, THREADS, CORE (or ''), extra args...
     --text-encoder "$RUN/text_encoder_init" --create-text-encoder --train-text-encoder --t5-width 128 \
     --depth 4 --width 128 --heads 2 --block-chunks 2 --name infinity_tiny_shapes \
     --batch-size 8 --steps "$T_STEPS" --max-minutes "$T_MINUTES" --lr 1e-3 --warmup-steps 100 \
-    --lr-schedule linear-decay --feature-cache 4000 --cache-dir "$RUN/cache" \
+    --lr-schedule linear-decay --feature-cache 2000 --cache-dir "$RUN/cache" \
     --eval-every 500 --ckpt-every 250 --log-every 25 --eval-samples 64 "$@" > "$out.log" 2>&1
-  touch "$out/done"
+  mkdir -p "$out"; touch "$out/done"
 }
+if [ ! -f "$RUN/cache/done" ]; then  # the feature caches both runs read, computed once with every core
+  log "stage 2a: VAE features of the training pool and the held-out set"
+  train_transformer "$RUN/cache_build" 0 "" --cache-only
+  touch "$RUN/cache/done"
+fi
 CORE0=""; CORE1=""
 if [ "$ABLATION" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset > /dev/null; then
   CORE0=0; CORE1=1; [ "$THREADS" = 0 ] && THREADS=1
@@ -72,15 +76,7 @@ if [ ! -f "$RUN/transformer/done" ]; then
   pids+=($!)
 fi
 if [ "$ABLATION" = 1 ] && [ ! -f "$RUN/transformer_no_bsc/done" ]; then
-  if [ ${#pids[@]} -gt 0 ]; then
-    if [ -n "$CORE1" ]; then  # wait for the shared cache (train + held-out features)
-      while kill -0 "${pids[0]}" 2> /dev/null && [ "$(ls "$RUN"/cache/features-*.pt 2> /dev/null | wc -l)" -lt 2 ]; do
-        sleep 5
-      done
-    else
-      wait "${pids[0]}"; pids=()
-    fi
-  fi
+  if [ ${#pids[@]} -gt 0 ] && [ -z "$CORE1" ]; then wait "${pids[0]}"; pids=(); fi
   log "stage 3: ablation without bitwise self-correction (log $RUN/transformer_no_bsc.log)"
   mkdir -p "$RUN/transformer_no_bsc"
   ( train_transformer "$RUN/transformer_no_bsc" "$THREADS" "$CORE1" --noise-apply-layers 0 ) &

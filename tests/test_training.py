@@ -266,6 +266,16 @@ def test_vae_training_lowers_loss_and_loads(tmp_path):
         assert all(torch.equal(v.state_dict()[k], ck["vae"][k]) for k in ck["vae"])
 
 
+def test_cache_only_computes_the_shared_features_and_trains_nothing(tiny_assets, tmp_path):
+    cache = tmp_path / "cache"
+    argv = _train_argv(tiny_assets, tmp_path / "run", 3, ["--cache-only"])
+    argv[argv.index("--cache-dir") + 1] = cache
+    assert T.train(_args(T, argv))["cache_only"]
+    names = sorted(p.name for p in cache.glob("features-*.pt"))
+    assert len(names) == 2 and names[0].startswith("features-shapes-heldout") and names[1].endswith("-n8.pt")
+    assert not (tmp_path / "run" / "transformer.safetensors").exists()
+
+
 def test_vae_norm_groups_travel_with_the_file(tmp_path):
     """A VAE trained with 8 GroupNorm groups decodes the same pictures after saving and loading (.pth and
     safetensors); read as the released 32 groups it would not; a bad group count is refused by name."""

@@ -39,7 +39,6 @@ every size has been decoded: hence the warm-up.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import glob
 import json
 import os
@@ -47,7 +46,6 @@ import random
 import re
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -58,7 +56,7 @@ for _p in (REPO, REPO / "tests"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from comfy_server import ComfyError, ComfyServer  # noqa: E402  (tests/comfy_server.py)
+from comfy_server import ComfyError, ComfyServer, Listener  # noqa: E402  (tests/comfy_server.py)
 
 BUNDLED = "Infinity tiny shapes (bundled)"
 STAND_IN = ("infinity_2b_reg.pth", "flan-t5-xl")  # (transformer, text encoder) of the model switch
@@ -74,94 +72,6 @@ PLACES = "on the left|on the right|at the top|at the bottom|in the centre".split
 
 
 # ------------------------------------------------------------------------------------ websocket
-class Listener:
-    """The websocket of one client id, read in a background thread (aiohttp, as ComfyUI's page does).
-    `messages` holds (monotonic time, dict or bytes); `wait` blocks until a message matches.
-    supports_preview_metadata: announce the feature so previews arrive with their prompt id."""
-
-    def __init__(self, port: int, client_id: str | None = None, supports_preview_metadata: bool = False):
-        self.client_id = client_id or uuid.uuid4().hex
-        self.url = f"ws://127.0.0.1:{port}/ws?clientId={self.client_id}"
-        self.flags = {"supports_preview_metadata": True} if supports_preview_metadata else None
-        self.messages: list[tuple[float, object]] = []
-        self._cond = threading.Condition()
-        self._ready = threading.Event()
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self):
-        try:
-            asyncio.run(self._run())
-        except BaseException as e:  # reported by wait()
-            self._error = e
-        finally:
-            self._ready.set()
-            with self._cond:
-                self._cond.notify_all()
-
-    async def _run(self):
-        import aiohttp
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(self.url, heartbeat=30, max_msg_size=0) as ws:
-                if self.flags:
-                    await ws.send_json({"type": "feature_flags", "data": self.flags})
-                self._ready.set()
-                while not self._stop.is_set():
-                    try:
-                        msg = await ws.receive(timeout=0.2)
-                    except asyncio.TimeoutError:
-                        continue
-                    if msg.type == aiohttp.WSMsgType.TEXT:
-                        item = json.loads(msg.data)
-                    elif msg.type == aiohttp.WSMsgType.BINARY:
-                        item = bytes(msg.data)
-                    else:
-                        raise ConnectionError(f"websocket closed: {msg.type}")
-                    with self._cond:
-                        self.messages.append((time.monotonic(), item))
-                        self._cond.notify_all()
-
-    def start(self) -> "Listener":
-        self._thread.start()
-        if not self._ready.wait(30) or self._error:
-            raise ComfyError(f"websocket {self.url} did not connect: {self._error}")
-        return self
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join(10)
-
-    __enter__ = start
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def wait(self, pred, timeout: float, start: int = 0):
-        """The first (time, message) from index `start` on for which pred(message) is true, or None."""
-        deadline = time.monotonic() + timeout
-        i = start
-        with self._cond:
-            while True:
-                while i < len(self.messages):
-                    t, m = self.messages[i]
-                    i += 1
-                    if pred(m):
-                        return t, m
-                left = deadline - time.monotonic()
-                if left <= 0 or self._error is not None or not self._thread.is_alive():
-                    return None
-                self._cond.wait(min(left, 0.5))
-
-    def json_messages(self) -> list[dict]:
-        with self._cond:
-            return [m for _, m in self.messages if isinstance(m, dict)]
-
-    def binary_messages(self) -> list[bytes]:
-        with self._cond:
-            return [m for _, m in self.messages if isinstance(m, bytes)]
-
-
 def is_type(m, kind: str, prompt_id: str | None = None) -> bool:
     return (isinstance(m, dict) and m.get("type") == kind
             and (prompt_id is None or (m.get("data") or {}).get("prompt_id") == prompt_id))

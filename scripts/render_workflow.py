@@ -40,7 +40,7 @@ TESTS = REPO / "tests"
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from comfy_server import ComfyError, ComfyServer  # noqa: E402  (stdlib only)
+from comfy_server import ComfyError, ComfyServer, read_env_file  # noqa: E402  (stdlib only)
 
 PLUGIN_NAME = "ComfyUI-Infinity"
 BUNDLED_LABEL = "Infinity tiny shapes (bundled)"  # nodes/model_paths.py BUNDLED_LABEL
@@ -176,13 +176,7 @@ def find_comfyui(comfy_dir: str | None, python: str | None) -> tuple[str, str]:
             raise UsageError(f"no ComfyUI found: {env_file} does not exist. Run scripts/setup_comfyui.sh "
                              f"first (scripts/quickstart.sh does), or set INFINITY_COMFYUI_DIR "
                              f"(and INFINITY_COMFY_PYTHON) or pass --comfyui/--python")
-        env = {}
-        with open(env_file, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if line and not line.startswith("#") and "=" in line:
-                    k, v = line.split("=", 1)
-                    env[k] = v
+        env = read_env_file(env_file)
         if not env.get("INFINITY_COMFYUI_DIR"):
             raise UsageError(f"{env_file} names no INFINITY_COMFYUI_DIR; rerun scripts/setup_comfyui.sh")
         comfy_dir = env["INFINITY_COMFYUI_DIR"]

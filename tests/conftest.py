@@ -28,7 +28,7 @@ _REPO = os.path.dirname(_TESTS_DIR)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
-from comfy_server import ComfyError, ComfyServer  # noqa: E402
+from comfy_server import ComfyError, ComfyServer, read_env_file  # noqa: E402
 
 COMFY_PLUGIN_NAME = "ComfyUI-Infinity"
 COMFY_EXPECT_NODES = ["InfinityModelLoader", "InfinityTextEncoderLoader", "InfinityTextEncode",
@@ -38,17 +38,6 @@ COMFY_EXPECT_NODES = ["InfinityModelLoader", "InfinityTextEncoderLoader", "Infin
 
 class _Unprovisioned(Exception):
     pass
-
-
-def _read_env_file(path: str) -> dict[str, str]:
-    out = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#") and "=" in line:
-                k, v = line.split("=", 1)
-                out[k] = v
-    return out
 
 
 def _provision_comfyui() -> tuple[str, str]:
@@ -71,7 +60,7 @@ def _provision_comfyui() -> tuple[str, str]:
         if r.returncode != 0 or not os.path.isfile(env_file):
             tail = "\n".join((r.stderr or "").splitlines()[-25:])
             raise _Unprovisioned(f"scripts/setup_comfyui.sh exited {r.returncode}:\n{tail}")
-        env = _read_env_file(env_file)
+        env = read_env_file(env_file)
     return env["INFINITY_COMFYUI_DIR"], env["INFINITY_COMFY_PYTHON"]
 
 

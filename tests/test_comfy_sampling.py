@@ -6,12 +6,10 @@ serving, and the next good prompt must succeed. Nothing here mocks ComfyUI.
 """
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import re
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -25,7 +23,7 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 import stand_ins  # noqa: E402
-from comfy_server import ComfyError  # noqa: E402
+from comfy_server import ComfyError, Listener  # noqa: E402
 
 BUNDLED = "Infinity tiny shapes (bundled)"
 SQUARE = "1:1 (1024x1024)"
@@ -179,41 +177,11 @@ def test_text_encode_reports_tokens_and_truncation(srv):
 
 
 # --------------------------------------------------------------------- progress, interrupt
-class WSListener:
-    """Collects the websocket messages of one client id in a background thread (aiohttp)."""
+class WSListener(Listener):
+    """The websocket messages of one client id (tests/comfy_server.Listener) with progress/preview views."""
 
     def __init__(self, srv, client_id: str):
-        self.url = f"ws://127.0.0.1:{srv.port}/ws?clientId={client_id}"
-        self.messages: list[tuple[float, dict | bytes]] = []
-        self.ready = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _run(self):
-        import aiohttp
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(self.url, heartbeat=30) as ws:
-                self.ready.set()
-                while not self._stop.is_set():
-                    try:
-                        msg = await ws.receive(timeout=0.2)
-                    except asyncio.TimeoutError:
-                        continue
-                    if msg.type == aiohttp.WSMsgType.TEXT:
-                        self.messages.append((time.monotonic(), json.loads(msg.data)))
-                    elif msg.type == aiohttp.WSMsgType.BINARY:
-                        self.messages.append((time.monotonic(), bytes(msg.data)))
-                    else:
-                        break
-
-    def __enter__(self):
-        self._thread.start()
-        assert self.ready.wait(30), "websocket did not connect"
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(10)
+        super().__init__(srv.port, client_id)
 
     def progress(self, node: str) -> list[dict]:
         return [m["data"] for _, m in self.messages if isinstance(m, dict) and m.get("type") == "progress"

@@ -151,9 +151,9 @@ WEIGHTS_2B = ("Weights: ComfyUI/models/infinity/infinity_2b_reg.pth, ComfyUI/mod
               "ComfyUI/models/text_encoders/flan-t5-xl/ (the google/flan-t5-xl folder). See docs/nodes.md.")
 
 SPECS = [
-    # When bundled/infinity_tiny_shapes/ lands: set the sampler values, the tier and the aspect ratio
-    # to its defaults.json (test_bundled_workflow_uses_the_bundled_defaults checks them), then
-    # regenerate the files (python tests/test_comfy_workflows.py).
+    # The sampler values, the tier and the aspect ratio are bundled/infinity_tiny_shapes/defaults.json's
+    # (test_bundled_workflow_uses_the_bundled_defaults checks them); after retraining the bundle, set
+    # them again and regenerate the files (python tests/test_comfy_workflows.py).
     _t2i("infinity_t2i_bundled", "Infinity: text to image (bundled tiny-shapes model)",
          "Text to image with the small model shipped in this node pack (bundled/infinity_tiny_shapes): it draws "
          "simple coloured shapes, at 256x256, fast even on a CPU. Nothing to download.",
@@ -185,8 +185,8 @@ SPECS = [
          "Needs about 40 GB of GPU memory in bf16.",
          LOADER_8B, T5, "a cozy reading nook with a cat asleep on a pile of books, warm afternoon light",
          _schedule(), _sampler(5, cfg=3.0, tau=1.0), "Infinity/8b_1024"),
-    # As for the first workflow: once the bundled model lands, its defaults.json and the k that its
-    # recolouring evaluation recommends go here.
+    # As for the first workflow: the bundle's defaults.json. strength 0.5 (k 4 of 7) until the
+    # recolouring study (bench/edit_study.py) finds a k that meets both of its targets.
     _edit("infinity_edit_bundled", "Infinity: edit a picture (bundled tiny-shapes model)",
           "Editing without training: Infinity Edit encodes the picture into per-scale bits, keeps the coarse scales "
           "(layout, colour masses) and re-draws the finer ones under the new prompt. keep_scales -1 takes the number "

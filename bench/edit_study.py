@@ -12,8 +12,9 @@
    (and the background unchanged), and the IoU of the object's pixel mask with the source's.
    The recommended k is the largest k that reaches both targets (new colour >= 80%, IoU >= 0.7).
 3. Masked edit: the source object's bounding box grown by 16 px is the mask, keep_scales MASK_K (the
-   4x4 and coarser scales kept everywhere, so the re-drawn band around the mask is one 6x6 cell). Mean absolute difference in grey levels (0..255) to the source's VAE reconstruction,
-   outside the mask beyond the border band (edit.border_band_px) and inside the mask.
+   4x4 and coarser scales kept everywhere, so the re-drawn band around the mask is one 6x6 cell).
+   Mean absolute difference in grey levels (0..255) to the source's VAE reconstruction, outside the
+   mask beyond the border band (edit.border_band_px) and inside the mask.
 
 Prints a table and writes the JSON report. Deterministic: source j uses seed `seed + j`, its edits
 seed `seed + 1000 + j`.
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -40,10 +42,6 @@ from infinity_core import shapes_eval as E  # noqa: E402
 TARGET_COLOUR, TARGET_IOU = 0.80, 0.70
 MASK_MARGIN_PX = 16
 MASK_K = 3
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    return (images.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -64,7 +62,7 @@ def draw_sources(pipe, n: int, seed: int, settings: dict, max_tries: int):
         s = seed + tries
         tries += 1
         gen = pipe.generate(sc.caption(), h_div_w=1.0, tier="0.06M", seed=s, **settings)
-        img = to_uint8(gen.images)[0]
+        img = E.to_uint8(gen.images)[0]
         an = E.analyze(img)
         if an.count == 1 and an.objects[0].colour == obj.colour and an.background == sc.background:
             out.append((sc, target, img, s))
@@ -86,8 +84,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     pipe = E.load_pipeline(args.model_dir)
     defaults = E.load_defaults(args.model_dir)
-    settings = {"cfg": defaults.get("cfg", 3.0), "tau": defaults.get("tau", 1.0),
-                "top_k": defaults.get("top_k", 900), "top_p": defaults.get("top_p", 0.97)}
+    settings = E.sampling_settings(defaults)
     schedule = S.get_schedule(1.0, "0.06M")
     K = len(schedule)
     vae_sched = S.vae_schedule(schedule, pipe.transformer.cfg.patchify)
@@ -106,14 +103,14 @@ def main(argv=None) -> int:
         new_scene = D.Scene(sc.background, (D.ShapeObject(obj.shape, target, obj.size, obj.position),))
         src = EDIT.encode_source(pipe.vae, torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1,
                                  schedule, pipe.transformer.cfg.patchify)
-        recon = to_uint8(pipe.decode(src.summed_codes))[0]
+        recon = E.to_uint8(pipe.decode(src.summed_codes))[0]
         src_mask = E.object_masks(img)[0]
         cond = pipe.encode_prompts([new_scene.caption()])
         row = {"source": sc.caption(), "edit": new_scene.caption(), "seed": s, "per_k": {}}
         for k in ks:
             res = EDIT.edit(pipe.transformer, src, cond.kv_compact, cond.cu_seqlens, k, seed=1000 + args.seed + j,
                             **settings)
-            out = to_uint8(pipe.decode(res.summed_codes))[0]
+            out = E.to_uint8(pipe.decode(res.summed_codes))[0]
             an = E.analyze(out)
             ok = bool(an.objects) and an.objects[0].colour == target and an.background == sc.background
             masks = E.object_masks(out)
@@ -122,7 +119,6 @@ def main(argv=None) -> int:
             per_k[k]["iou"].append(o)
             row["per_k"][k] = {"new_colour": ok, "iou": round(o, 3)}
             if save and j < 8:
-                from PIL import Image
                 Image.fromarray(out).save(save / f"{j:02d}_k{k}.png")
         # masked edit: the object's box grown by MASK_MARGIN_PX may change, from scale MASK_K on
         ys, xs = np.nonzero(src_mask)
@@ -132,9 +128,9 @@ def main(argv=None) -> int:
           max(0, xs.min() - MASK_MARGIN_PX):xs.max() + 1 + MASK_MARGIN_PX] = 1
         res = EDIT.edit(pipe.transformer, src, cond.kv_compact, cond.cu_seqlens, MASK_K, mask=m,
                         seed=1000 + args.seed + j, **settings)
-        out = to_uint8(pipe.decode(res.summed_codes))[0]
+        out = E.to_uint8(pipe.decode(res.summed_codes))[0]
         band = EDIT.border_band_px(m, vae_sched, (H, W), MASK_K)
-        grown = torch.nn.functional.max_pool2d(m[None, None], 2 * band + 1, 1, band)[0, 0].bool().numpy()
+        grown = EDIT.grow_mask(m, band).numpy()
         diff = np.abs(out.astype(np.float64) - recon.astype(np.float64)).mean(-1)
         masked["outside_mad"].append(float(diff[~grown].mean()) if (~grown).any() else 0.0)
         masked["inside_mad"].append(float(diff[m.bool().numpy()].mean()))
@@ -143,7 +139,6 @@ def main(argv=None) -> int:
                          "band_px": band}
         rows.append(row)
         if save and j < 8:
-            from PIL import Image
             Image.fromarray(img).save(save / f"{j:02d}_source.png")
             Image.fromarray(out).save(save / f"{j:02d}_masked.png")
         print(f"  {j + 1}/{len(sources)} sources, {time.time() - t0:.0f}s", flush=True)

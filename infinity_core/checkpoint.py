@@ -1555,7 +1555,7 @@ def _vae_norm_groups_from_metadata(ck, cfg: VAEConfig) -> VAEConfig:
         groups = json.loads(raw).get("norm_groups", 32)
     except (ValueError, AttributeError):
         raise CheckpointError(f"{ck.path}: metadata 'infinity.config' is not a JSON object: {_short(raw)}") from None
-    chans = {cfg.base_ch, *(cfg.base_ch * m for m in cfg.ch_mult)}
+    chans = cfg.channel_counts
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or any(c % groups for c in chans):
         raise CheckpointError(f"{ck.path}: metadata 'infinity.config' gives norm_groups {groups!r}; expected a "
                               f"positive integer dividing every channel count {sorted(chans)}")

@@ -64,6 +64,13 @@ def border_band_px(mask: torch.Tensor, vae_schedule, image_hw, keep_scales: int 
     return 0
 
 
+def grow_mask(mask: torch.Tensor, band_px: int) -> torch.Tensor:
+    """Pixel mask [H, W] -> bool [H, W]: the mask and every pixel within band_px of it (square
+    neighbourhood), i.e. what a masked edit may touch (see border_band_px)."""
+    m = mask.float()[None, None]
+    return F.max_pool2d(m, 2 * band_px + 1, 1, band_px)[0, 0].bool() if band_px else m[0, 0].bool()
+
+
 @dataclass
 class SourceEncoding:
     bits: list                 # per scale [B, 1, hv, wv, d] uint8

@@ -189,12 +189,16 @@ class Analysis:
         return len(self.objects)
 
 
+def to_uint8(images) -> np.ndarray:
+    """Pictures as uint8: uint8 stays, floats in [0, 1] (numpy or torch, any shape) are clipped and rounded."""
+    arr = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    return arr if arr.dtype == np.uint8 else (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+
+
 def _components(rgb: np.ndarray):
     """Steps 1-2 of the analyzer: (pixels float [H, W, 3], background median RGB, object masks of at
     least MIN_AREA_FRAC of the picture, in label order)."""
-    img = np.asarray(rgb)
-    if img.dtype != np.uint8:
-        img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    img = to_uint8(rgb)
     H, W, _ = img.shape
     f = img.astype(np.float64)
     frame = np.concatenate([f[:FRAME].reshape(-1, 3), f[-FRAME:].reshape(-1, 3),
@@ -300,6 +304,16 @@ def load_defaults(model_dir) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
+SAMPLING_FALLBACK = {"cfg": 3.0, "tau": 1.0, "top_k": 900, "top_p": 0.97}
+
+
+def sampling_settings(defaults: dict, **overrides) -> dict:
+    """cfg / tau / top_k / top_p: an override that is not None, else the model's defaults.json value,
+    else the sampler's own default."""
+    return {k: overrides[k] if overrides.get(k) is not None else defaults.get(k, v)
+            for k, v in SAMPLING_FALLBACK.items()}
+
+
 def load_pipeline(model_dir=None, transformer=None, vae=None, text_encoder=None, device="cpu"):
     from .pipeline import InfinityPipeline
     model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
@@ -321,7 +335,7 @@ def evaluate(pipe, scenes: list[D.Scene], *, cfg=3.0, tau=1.0, top_k: int = 900,
         chunk = scenes[a:a + batch_size]
         gen = pipe.generate([s.caption() for s in chunk], h_div_w=h_div_w, tier=tier, cfg=cfg, tau=tau, top_k=top_k,
                             top_p=top_p, seed=seed + a, seed_mode="per_image")
-        imgs = (gen.images.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        imgs = to_uint8(gen.images)
         for j, (sc, im) in enumerate(zip(chunk, imgs)):
             an = analyze(im)
             sco = score(sc, an, *im.shape[:2])
@@ -408,10 +422,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     defaults = load_defaults(args.model_dir)
-    settings = {"cfg": args.cfg if args.cfg is not None else defaults.get("cfg", 3.0),
-                "tau": args.tau if args.tau is not None else defaults.get("tau", 1.0),
-                "top_k": args.top_k if args.top_k is not None else defaults.get("top_k", 900),
-                "top_p": args.top_p if args.top_p is not None else defaults.get("top_p", 0.97)}
+    settings = sampling_settings(defaults, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p)
     pipe = load_pipeline(args.model_dir, args.transformer, args.vae, args.text_encoder, args.device)
     scenes = heldout_scenes(args.num_prompts, args.prompt_seed)
     if args.sweep_cfg or args.sweep_tau:

@@ -166,7 +166,7 @@ class _Quantizer(nn.Module):
 class BSQVAE(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        bad = [c for c in {cfg.base_ch, *(cfg.base_ch * m for m in cfg.ch_mult)} if c % cfg.norm_groups]
+        bad = [c for c in cfg.channel_counts if c % cfg.norm_groups]
         if bad:
             raise ValueError(f"VAE norm_groups {cfg.norm_groups} does not divide the channel count {bad[0]} "
                              f"(base {cfg.base_ch} x ch_mult {tuple(cfg.ch_mult)})")

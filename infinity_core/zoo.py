@@ -78,6 +78,11 @@ class VAEConfig:
     name: str = "custom"
 
     @property
+    def channel_counts(self) -> set[int]:
+        """Every channel count a GroupNorm of this VAE sees (base and each level)."""
+        return {self.base_ch, *(self.base_ch * m for m in self.ch_mult)}
+
+    @property
     def patchify_vae(self) -> bool:
         return self.patch_size == 8
 

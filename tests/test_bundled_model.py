@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from infinity_core import edit as EDIT
+from infinity_core import schedules as S
 from infinity_core import shapes_eval as E
 from infinity_core.checkpoint import load_pair
 from infinity_core.zoo import vae_fits
@@ -49,10 +52,13 @@ def pipe():
 
 
 @pytest.fixture(scope="module")
-def held_out_metrics(pipe):
+def settings():
+    return E.sampling_settings(E.load_defaults(BUNDLE))
+
+
+@pytest.fixture(scope="module")
+def held_out_metrics(pipe, settings):
     """40 held-out prompts (never-seen shape/colour/background combinations) at the bundled defaults."""
-    d = E.load_defaults(BUNDLE)
-    settings = {k: d[k] for k in ("cfg", "tau", "top_k", "top_p")}
     return E.evaluate(pipe, E.heldout_scenes(40, seed=0), seed=0, **settings)["metrics"]
 
 
@@ -81,36 +87,26 @@ def test_same_seed_same_picture_other_seed_other_picture(pipe):
 # ------------------------------------------------------------------------------------------------
 # Infinity Edit with the bundled model (issue 6; the 50-source study is bench/edit_study.py)
 
-def _edit_setup(pipe, caption: str, seed: int):
-    import numpy as np
-    from infinity_core import edit as EDIT
-    from infinity_core import schedules as S
-    d = E.load_defaults(BUNDLE)
-    settings = {k: d[k] for k in ("cfg", "tau", "top_k", "top_p")}
-    schedule = S.get_schedule(1.0, "0.06M")
-    img = pipe.generate([caption], seed=seed, seed_mode="per_image", h_div_w=1.0, tier="0.06M", **settings).images
-    src = EDIT.encode_source(pipe.vae, img.permute(0, 3, 1, 2) * 2 - 1, schedule, pipe.transformer.cfg.patchify)
-    recon = (pipe.decode(src.summed_codes)[0].numpy() * 255).round()
-    return np, EDIT, S, settings, schedule, img, src, recon
-
-
-def test_masked_edit_changes_the_mask_and_keeps_the_rest(pipe):
+def test_masked_edit_changes_the_mask_and_keeps_the_rest(pipe, settings):
     """A mask around the object, keep_scales 3 (the 4x4 and coarser scales kept, so the band around
     the mask is one 6x6 cell, 43 px): outside the mask and its band the picture stays within 1 grey
     level (mean absolute difference) of the source's reconstruction; inside, the object takes the new
     colour."""
-    np, EDIT, S, settings, schedule, img, src, recon = _edit_setup(
-        pipe, "a large red circle on the left, blue background", seed=3)
+    schedule = S.get_schedule(1.0, "0.06M")
+    img = pipe.generate(["a large red circle on the left, blue background"], seed=3, seed_mode="per_image",
+                        h_div_w=1.0, tier="0.06M", **settings).images
+    src = EDIT.encode_source(pipe.vae, img.permute(0, 3, 1, 2) * 2 - 1, schedule, pipe.transformer.cfg.patchify)
+    recon = E.to_uint8(pipe.decode(src.summed_codes)[0]).astype(np.float64)
     m = torch.zeros(256, 256)
     m[48:208, 8:136] = 1  # the left object's region, with a margin
     cond = pipe.encode_prompts(["a large yellow circle on the left, blue background"])
     res = EDIT.edit(pipe.transformer, src, cond.kv_compact, cond.cu_seqlens, 3, mask=m, seed=7, **settings)
-    out = (pipe.decode(res.summed_codes)[0].numpy() * 255).round()
+    out = E.to_uint8(pipe.decode(res.summed_codes)[0])
     band = EDIT.border_band_px(m, S.vae_schedule(schedule, False), (256, 256), 3)
     assert band == 43
-    grown = torch.nn.functional.max_pool2d(m[None, None], 2 * band + 1, 1, band)[0, 0].bool().numpy()
+    grown = EDIT.grow_mask(m, band).numpy()
     diff = np.abs(out - recon).mean(-1)
     assert diff[~grown].mean() <= 1.0, (band, diff[~grown].mean())
     assert diff[m.bool().numpy()].mean() > 10
-    an = E.analyze(out.astype(np.uint8))
+    an = E.analyze(out)
     assert an.objects and an.objects[0].colour == "yellow" and an.background == "blue", an

@@ -409,6 +409,22 @@ def create_tiny_t5(folder, captions: list[str], d_model: int = 128, num_layers: 
     return folder
 
 
+def pretrain_tiny_t5(folder, steps: int, device, seed: int = 0, data_seed: int = 0, log=print) -> dict:
+    """Caption-parsing pretraining of a created T5 (text_pretrain.py), saved back into `folder`
+    with its report in `folder/pretrain.json`."""
+    from .text_encoder import T5TextEncoder
+    from .text_pretrain import pretrain_caption_parsing
+    log = log or (lambda *a, **k: None)
+    enc = T5TextEncoder(folder, device=device, dtype="fp32")
+    log(f"pretraining the T5 on caption parsing ({steps} steps)")
+    report = pretrain_caption_parsing(enc, steps=steps, seed=seed, data_seed=data_seed, log=log)
+    save_t5(enc.model, folder)
+    (Path(folder) / "pretrain.json").write_text(json.dumps(report, indent=1))
+    log(f"caption parsing: {report['seconds']:.0f}s, every field right on {100 * report['train_parse_acc']:.1f}% "
+        f"of training captions and {100 * report['heldout_parse_acc']:.1f}% of held-out ones")
+    return report
+
+
 def save_t5(model, folder) -> None:
     sd = {k: v for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
     save_safetensors(sd, Path(folder) / "model.safetensors", {"format": "pt"})
@@ -601,6 +617,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="if --text-encoder does not exist, create a tiny T5 there (tokenizer trained on the "
                         "shapes captions; see create_tiny_t5)")
     g.add_argument("--t5-width", type=int, default=128, help="d_model of a created T5 (>= 128)")
+    g.add_argument("--pretrain-text-steps", type=int, default=0,
+                   help="with --create-text-encoder on the shapes data: caption-parsing steps for the new T5 "
+                        "(text only, training-split captions; the stand-in for flan-t5's pretraining)")
     g.add_argument("--model", default="custom", help="a zoo name (infinity_2b, infinity_layer12, ...) or 'custom'")
     g.add_argument("--depth", type=int, default=6)
     g.add_argument("--width", type=int, default=256)
@@ -669,6 +688,9 @@ def train(args) -> dict:
             dist.print(f"creating a tiny T5 text encoder in {args.text_encoder}")
             create_tiny_t5(args.text_encoder, D.caption_corpus(4000, args.data_seed), d_model=args.t5_width,
                            d_ff=2 * args.t5_width, num_heads=max(1, args.t5_width // 32), seed=args.seed)
+            if args.pretrain_text_steps > 0:
+                pretrain_tiny_t5(args.text_encoder, args.pretrain_text_steps, device, args.seed, args.data_seed,
+                                 dist.print)
         dist.barrier()
     vae = load_vae(args.vae, torch.float32, device)
     vcfg = vae.cfg

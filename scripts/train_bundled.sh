@@ -7,13 +7,14 @@
 # Stages (each resumes from its own checkpoint, and is skipped when its output exists, so the
 # command can be re-run after an interruption and continues where it stopped):
 #   1. BSQ VAE (16 bits, stride 16) on 64 px crops, then whole pictures shrunk to 128 px, then 256 px
-#   2. tiny T5 (tokenizer trained on the caption vocabulary) + transformer with bitwise self-correction
+#   2. tiny T5 (tokenizer trained on the caption vocabulary, pretrained on caption parsing: text only)
+#      + transformer with bitwise self-correction (the T5 fine-tuned with it at 0.3x the lr)
 #   3. the same transformer budget without self-correction (the paper's ablation)        [ABLATION=1]
 #   4. held-out evaluation (cfg/tau sweep -> defaults.json, then 200 prompts) of both transformers
 #   5. export into bundled/infinity_tiny_shapes/ and write MODEL_CARD.md from the logs
 #
 # Budgets are environment variables (steps; wall-clock caps in minutes end a stage early and save):
-#   VAE_STEPS=2000 VAE_MINUTES=28  T_STEPS=2000 T_MINUTES=38  DEC_STEPS=400 DEC_MINUTES=12  THREADS=0 (torch default)  ABLATION=1
+#   VAE_STEPS=2000 VAE_MINUTES=28  T5_STEPS=1500  T_STEPS=2000 T_MINUTES=38  DEC_STEPS=3000 DEC_MINUTES=12  THREADS=0 (torch default)  ABLATION=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-${INFINITY_COMFY_HOME:-$HOME/.cache/comfyui-infinity}/train/bundled}
@@ -27,8 +28,8 @@ if [ -z "$PY" ]; then
 fi
 VAE_STEPS=${VAE_STEPS:-2000}; VAE_MINUTES=${VAE_MINUTES:-28}
 T_STEPS=${T_STEPS:-2000}; T_MINUTES=${T_MINUTES:-38}
-DEC_STEPS=${DEC_STEPS:-400}; DEC_MINUTES=${DEC_MINUTES:-12}
-THREADS=${THREADS:-0}; ABLATION=${ABLATION:-1}
+DEC_STEPS=${DEC_STEPS:-3000}; DEC_MINUTES=${DEC_MINUTES:-12}
+T5_STEPS=${T5_STEPS:-1500}; THREADS=${THREADS:-0}; ABLATION=${ABLATION:-1}
 BUNDLE=bundled/infinity_tiny_shapes
 mkdir -p "$RUN"
 stamp() { date -u +%FT%TZ; }
@@ -52,7 +53,8 @@ train_transformer() {  # OUT, THREADS, CORE (or ''), extra args...
   local out=$1 threads=$2 core=$3; shift 3
   local pin=(); [ -n "$core" ] && pin=(taskset -c "$core")
   "${pin[@]}" "$PY" -m infinity_core train --vae "$RUN/vae/vae.safetensors" --out "$out" --threads "$threads" \
-    --text-encoder "$RUN/text_encoder_init" --create-text-encoder --train-text-encoder --t5-width 128 \
+    --text-encoder "$RUN/text_encoder_init" --create-text-encoder --pretrain-text-steps "$T5_STEPS" \
+    --train-text-encoder --text-lr-mult 0.3 --t5-width 128 \
     --depth 4 --width 128 --heads 2 --block-chunks 2 --name infinity_tiny_shapes \
     --batch-size 8 --steps "$T_STEPS" --max-minutes "$T_MINUTES" --lr 1e-3 --warmup-steps 100 \
     --lr-schedule linear-decay --feature-cache 2000 --cache-dir "$RUN/cache" \
@@ -60,7 +62,7 @@ train_transformer() {  # OUT, THREADS, CORE (or ''), extra args...
   mkdir -p "$out"; touch "$out/done"
 }
 if [ ! -f "$RUN/cache/done" ]; then  # the feature caches both runs read, computed once with every core
-  log "stage 2a: VAE features of the training pool and the held-out set"
+  log "stage 2a: tiny T5 pretrained on caption parsing ($T5_STEPS steps), VAE features of the training pool and the held-out set"
   train_transformer "$RUN/cache_build" 0 "" --cache-only
   touch "$RUN/cache/done"
 fi
@@ -86,13 +88,15 @@ for p in "${pids[@]}"; do wait "$p"; done
 [ -f "$RUN/transformer/done" ] || { log "stage 2 failed: see $RUN/transformer.log"; exit 1; }
 log "stages 2-3 done"
 
-# 3b. the VAE decoder sharpened on whole pictures, the encoder frozen (lr 0: its weights, so every
-# bit the transformers were trained on, stay exactly the same) --------------------------------------
+# 3b. the VAE decoder sharpened with the encoder frozen (so every bit the transformers were trained on
+# stays exactly the same), on random 128 px crops of the training pool's pictures, their codes
+# computed from the cached encoder features ---------------------------------------------------------
 if [ ! -f "$RUN/vae_decoder/done" ]; then
-  log "stage 3b: VAE decoder on whole 256 px pictures, encoder frozen ($DEC_STEPS steps, at most $DEC_MINUTES min)"
-  "$PY" -m infinity_core train-vae --out "$RUN/vae_decoder" --threads 0 --init-from "$RUN/vae/vae.safetensors" \
-    --encoder-lr-mult 0 --batch-size 4 --steps "$DEC_STEPS" --max-minutes "$DEC_MINUTES" --lr 1e-4 \
-    --warmup-steps 0 --eval-every 100 --ckpt-every 50 --log-every 10 --eval-samples 24
+  log "stage 3b: VAE decoder on 128 px crops, encoder frozen ($DEC_STEPS steps, at most $DEC_MINUTES min)"
+  POOL=$(ls "$RUN"/cache/features-shapes-train-*.pt | head -n 1)
+  "$PY" -m infinity_core train-decoder --vae "$RUN/vae/vae.safetensors" --features "$POOL" \
+    --out "$RUN/vae_decoder" --threads 0 --crop 8 --batch-size 8 --steps "$DEC_STEPS" \
+    --max-minutes "$DEC_MINUTES" --lr 3e-4 --eval-every 200 --log-every 10 --eval-samples 24
   touch "$RUN/vae_decoder/done"; log "stage 3b done"
 fi
 VAE_FINAL=$RUN/vae_decoder/vae.safetensors

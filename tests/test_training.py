@@ -331,3 +331,58 @@ def test_two_process_gloo_vae_training(tmp_path):
                "--batch-size", 2, "--eval-samples", 0, "--threads", 1, "--out", out], tmp_path)
     from infinity_core.checkpoint import load_vae
     assert load_vae(out / "vae.safetensors").cfg.bits == 16
+
+
+def test_caption_parsing_pretraining_teaches_the_t5_to_read_captions(tmp_path):
+    """The bundled T5's text-only pretraining: the parse loss falls, the weights are saved back into
+    the folder users load, with the report (parse accuracy on training and held-out captions)."""
+    from safetensors.torch import load_file
+    from infinity_core.text_encoder import T5TextEncoder
+    from infinity_core import text_pretrain as TP
+    folder = T.create_tiny_t5(tmp_path / "t5", D.caption_corpus(400, 0), d_model=128, d_ff=256, num_heads=4)
+    before = load_file(folder / "model.safetensors")
+    torch.manual_seed(0)
+    report = T.pretrain_tiny_t5(folder, 150, "cpu", log=None)
+    assert report["loss"] < report["first_loss"] / 3, report
+    assert 0.0 <= report["heldout_parse_acc"] <= 1.0 and 0.0 <= report["train_parse_acc"] <= 1.0
+    assert json.loads((folder / "pretrain.json").read_text())["steps"] == 150
+    after = load_file(folder / "model.safetensors")
+    assert after.keys() == before.keys() and any(not torch.equal(after[k], before[k]) for k in before)
+    enc = T5TextEncoder(folder, device="cpu", dtype="fp32")  # the user-facing loader reads it
+    assert enc.encode(["a small red circle on the left, blue background"]).kv_compact.shape[-1] == 128
+    # the labels follow the caption: background, count, then the objects in caption order
+    sc = D.Scene("blue", (D.ShapeObject("star", "red", "small", "left"), D.ShapeObject("circle", "white", "large", "right")))
+    lab = TP.scene_labels(sc)
+    assert len(lab) == len(TP.FIELDS) and lab[:2] == [D.COLOUR_NAMES.index("blue"), 1]
+    assert lab[2:6] == [D.COLOUR_NAMES.index("red"), D.SHAPES.index("star"), D.SIZES.index("small"),
+                        D.POSITIONS.index("left")]
+
+
+def test_decoder_training_keeps_every_bit_and_lowers_the_loss(tiny_assets, tmp_path):
+    """train-decoder: the encoder (so the bits of every picture) stays exactly as it was, the decoder
+    learns from crops of the cached features' pictures, and the VAE it writes loads for users."""
+    from infinity_core import train_decoder as TD
+    from infinity_core.checkpoint import load_vae
+    cache = tmp_path / "cache"
+    argv = _train_argv(tiny_assets, tmp_path / "run", 3, ["--cache-only"])
+    argv[argv.index("--cache-dir") + 1] = cache
+    T.train(_args(T, argv))
+    pool = next(cache.glob("features-shapes-train-*.pt"))
+    out = tmp_path / "dec"
+    s = TD.train_decoder(_args(TD, ["--vae", tiny_assets["vae"], "--features", pool, "--out", out, "--steps", 12,
+                                    "--crop", 4, "--batch-size", 4, "--lr", 2e-3, "--warmup-steps", 0,
+                                    "--eval-samples", 2, "--eval-every", 0, "--log-every", 1, "--threads", 1]))
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert s["steps"] == 12 and s["crop"] == 4 and "analyzer" in s["eval"]
+    assert np.mean([r["loss"] for r in log[-3:]]) < np.mean([r["loss"] for r in log[:3]])
+    old, new = load_vae(tiny_assets["vae"]), load_vae(out / "vae.safetensors")
+    osd, nsd = old.state_dict(), new.state_dict()
+    assert all(torch.equal(osd[k], nsd[k]) for k in osd if not k.startswith("decoder."))
+    assert any(not torch.equal(osd[k], nsd[k]) for k in osd if k.startswith("decoder."))
+    img = D.SyntheticShapes(0, "heldout").item(0)["image"][None]
+    sched = S.vae_schedule(S.get_schedule(1.0, "0.06M"), False)
+    with torch.no_grad():
+        bits_old, bits_new = old.encode(img, sched)[2], new.encode(img, sched)[2]
+    assert all(torch.equal(a, b) for a, b in zip(bits_old, bits_new))
+    with pytest.raises(FileNotFoundError):
+        TD.train_decoder(_args(TD, ["--vae", tiny_assets["vae"], "--features", tmp_path / "none.pt", "--out", out]))

@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     p.add_argument("--save-images", default=None)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--ks", default="", help="keep_scales values to try, e.g. '1,2,3' (default: every k)")
+    p.add_argument("--montage", default=None,
+                   help="with --save-images: write this PNG, one row per source 0-3: the source, its edits at "
+                        "the first and the last of --ks, and the masked edit (README's docs/images/edit_examples.png)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,7 +171,22 @@ def main(argv=None) -> int:
               "rows": rows, "seconds": time.time() - t0}
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1))
+    if args.montage and save:
+        write_montage(save, Path(args.montage), [ks[0], ks[-1]], rows=min(4, n))
     return 0
+
+
+def write_montage(images: Path, path: Path, ks: list[int], rows: int = 4, size: int = 256) -> None:
+    """One row per source: source, edit at ks[0], edit at ks[1], masked edit (files of --save-images)."""
+    names = ["source"] + [f"k{k}" for k in ks] + ["masked"]
+    sheet = Image.new("RGB", (size * len(names), size * rows), "white")
+    for r in range(rows):
+        for c, name in enumerate(names):
+            sheet.paste(Image.open(images / f"{r:02d}_{name}.png").convert("RGB").resize((size, size)),
+                        (c * size, r * size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("infinity_core.convert", "convert a transformer or VAE checkpoint into one .safetensors file"),
     "train": ("infinity_core.train", "train an Infinity transformer with bitwise self-correction (torchrun for DDP)"),
     "train-vae": ("infinity_core.train_vae", "train a BSQ VAE tokenizer (reconstruction + commitment + entropy)"),
-    "train-decoder": ("infinity_core.train_decoder", "sharpen a BSQ VAE decoder on a feature cache, encoder frozen"),
     "eval-shapes": ("infinity_core.shapes_eval", "held-out prompt-following evaluation of a shapes model"),
     "generate": ("infinity_core.generate_cli", "text-to-image: render PNGs, settings stored in the PNG metadata"),
 }

@@ -14,7 +14,7 @@
 #   5. export into bundled/infinity_tiny_shapes/ and write MODEL_CARD.md from the logs
 #
 # Budgets are environment variables (steps; wall-clock caps in minutes end a stage early and save):
-#   VAE_STEPS=2000 VAE_MINUTES=28  T5_STEPS=1500  T_STEPS=2000 T_MINUTES=38  DEC_STEPS=3000 DEC_MINUTES=12  THREADS=0 (torch default)  ABLATION=1
+#   VAE_STEPS=2000 VAE_MINUTES=28  T5_STEPS=1500  T_STEPS=2000 T_MINUTES=38  DEC_STEPS=400 DEC_MINUTES=12  THREADS=0 (torch default)  ABLATION=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-${INFINITY_COMFY_HOME:-$HOME/.cache/comfyui-infinity}/train/bundled}
@@ -28,7 +28,7 @@ if [ -z "$PY" ]; then
 fi
 VAE_STEPS=${VAE_STEPS:-2000}; VAE_MINUTES=${VAE_MINUTES:-28}
 T_STEPS=${T_STEPS:-2000}; T_MINUTES=${T_MINUTES:-38}
-DEC_STEPS=${DEC_STEPS:-3000}; DEC_MINUTES=${DEC_MINUTES:-12}
+DEC_STEPS=${DEC_STEPS:-400}; DEC_MINUTES=${DEC_MINUTES:-12}
 T5_STEPS=${T5_STEPS:-1500}; THREADS=${THREADS:-0}; ABLATION=${ABLATION:-1}
 BUNDLE=bundled/infinity_tiny_shapes
 mkdir -p "$RUN"
@@ -88,15 +88,13 @@ for p in "${pids[@]}"; do wait "$p"; done
 [ -f "$RUN/transformer/done" ] || { log "stage 2 failed: see $RUN/transformer.log"; exit 1; }
 log "stages 2-3 done"
 
-# 3b. the VAE decoder sharpened with the encoder frozen (so every bit the transformers were trained on
-# stays exactly the same), on random 128 px crops of the training pool's pictures, their codes
-# computed from the cached encoder features ---------------------------------------------------------
+# 3b. the VAE decoder sharpened on whole pictures, the encoder frozen (lr 0: its weights, so every
+# bit the transformers were trained on, stay exactly the same) --------------------------------------
 if [ ! -f "$RUN/vae_decoder/done" ]; then
-  log "stage 3b: VAE decoder on 128 px crops, encoder frozen ($DEC_STEPS steps, at most $DEC_MINUTES min)"
-  POOL=$(ls "$RUN"/cache/features-shapes-train-*.pt | head -n 1)
-  "$PY" -m infinity_core train-decoder --vae "$RUN/vae/vae.safetensors" --features "$POOL" \
-    --out "$RUN/vae_decoder" --threads 0 --crop 8 --batch-size 8 --steps "$DEC_STEPS" \
-    --max-minutes "$DEC_MINUTES" --lr 3e-4 --eval-every 200 --log-every 10 --eval-samples 24
+  log "stage 3b: VAE decoder on whole 256 px pictures, encoder frozen ($DEC_STEPS steps, at most $DEC_MINUTES min)"
+  "$PY" -m infinity_core train-vae --out "$RUN/vae_decoder" --threads 0 --init-from "$RUN/vae/vae.safetensors" \
+    --encoder-lr-mult 0 --batch-size 4 --steps "$DEC_STEPS" --max-minutes "$DEC_MINUTES" --lr 1e-4 \
+    --warmup-steps 0 --eval-every 100 --ckpt-every 50 --log-every 10 --eval-samples 24
   touch "$RUN/vae_decoder/done"; log "stage 3b done"
 fi
 VAE_FINAL=$RUN/vae_decoder/vae.safetensors

@@ -357,32 +357,3 @@ def test_caption_parsing_pretraining_teaches_the_t5_to_read_captions(tmp_path):
     assert lab[2:6] == [D.COLOUR_NAMES.index("red"), D.SHAPES.index("star"), D.SIZES.index("small"),
                         D.POSITIONS.index("left")]
 
-
-def test_decoder_training_keeps_every_bit_and_lowers_the_loss(tiny_assets, tmp_path):
-    """train-decoder: the encoder (so the bits of every picture) stays exactly as it was, the decoder
-    learns from crops of the cached features' pictures, and the VAE it writes loads for users."""
-    from infinity_core import train_decoder as TD
-    from infinity_core.checkpoint import load_vae
-    cache = tmp_path / "cache"
-    argv = _train_argv(tiny_assets, tmp_path / "run", 3, ["--cache-only"])
-    argv[argv.index("--cache-dir") + 1] = cache
-    T.train(_args(T, argv))
-    pool = next(cache.glob("features-shapes-train-*.pt"))
-    out = tmp_path / "dec"
-    s = TD.train_decoder(_args(TD, ["--vae", tiny_assets["vae"], "--features", pool, "--out", out, "--steps", 12,
-                                    "--crop", 4, "--batch-size", 4, "--lr", 2e-3, "--warmup-steps", 0,
-                                    "--eval-samples", 2, "--eval-every", 0, "--log-every", 1, "--threads", 1]))
-    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert s["steps"] == 12 and s["crop"] == 4 and "analyzer" in s["eval"]
-    assert np.mean([r["loss"] for r in log[-3:]]) < np.mean([r["loss"] for r in log[:3]])
-    old, new = load_vae(tiny_assets["vae"]), load_vae(out / "vae.safetensors")
-    osd, nsd = old.state_dict(), new.state_dict()
-    assert all(torch.equal(osd[k], nsd[k]) for k in osd if not k.startswith("decoder."))
-    assert any(not torch.equal(osd[k], nsd[k]) for k in osd if k.startswith("decoder."))
-    img = D.SyntheticShapes(0, "heldout").item(0)["image"][None]
-    sched = S.vae_schedule(S.get_schedule(1.0, "0.06M"), False)
-    with torch.no_grad():
-        bits_old, bits_new = old.encode(img, sched)[2], new.encode(img, sched)[2]
-    assert all(torch.equal(a, b) for a, b in zip(bits_old, bits_new))
-    with pytest.raises(FileNotFoundError):
-        TD.train_decoder(_args(TD, ["--vae", tiny_assets["vae"], "--features", tmp_path / "none.pt", "--out", out]))

@@ -58,19 +58,21 @@ class ParseHeads(nn.Module):
         return list(self.proj(pooled).split(self.sizes, dim=-1))          # per field [B, n]
 
 
-def _batch(enc, scenes, device):
+def _parse(model, heads, enc, scenes, device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Captions of `scenes` -> (per field logits [B, n], labels [B, F])."""
     ids, mask, _ = enc.tokenize([s.caption() for s in scenes])
+    ids, mask = ids.to(device), mask.to(device)
     labels = torch.tensor([scene_labels(s) for s in scenes], dtype=torch.long, device=device)  # [B, F]
-    return ids.to(device), mask.to(device), labels
+    feats = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()              # [B, L, d]
+    return heads(feats, mask), labels
 
 
 def parse_accuracy(model, heads, enc, scenes, device) -> float:
     """Fraction of captions whose every field is read right."""
     model.eval()
     with torch.no_grad():
-        ids, mask, labels = _batch(enc, scenes, device)
-        feats = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        pred = torch.stack([lg.argmax(-1) for lg in heads(feats, mask)], dim=1)  # [B, F]
+        logits, labels = _parse(model, heads, enc, scenes, device)
+        pred = torch.stack([lg.argmax(-1) for lg in logits], dim=1)  # [B, F]
     model.train()
     return float((pred == labels).all(dim=1).float().mean())
 
@@ -93,9 +95,7 @@ def pretrain_caption_parsing(enc, steps: int = 1500, batch_size: int = 64, lr: f
     loss, first_loss = torch.zeros(()), None
     for step in range(steps):
         scenes = [D.sample_scene(rng, "train") for _ in range(batch_size)]
-        ids, mask, labels = _batch(enc, scenes, device)
-        feats = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # [B, L, d]
-        logits = heads(feats, mask)
+        logits, labels = _parse(model, heads, enc, scenes, device)
         loss = sum(F.cross_entropy(lg, labels[:, j]) for j, lg in enumerate(logits))
         cur = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / steps))
         for g in opt.param_groups:

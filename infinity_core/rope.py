@@ -46,11 +46,16 @@ def rope_cos_sin(schedule, head_dim: int) -> torch.Tensor:
     return torch.stack([angles.cos(), angles.sin()])
 
 
-def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of the last dim. x: [B, H, L, c]; cos_sin: [2, L, c/2]. fp32 math."""
-    dtype = x.dtype
-    pairs = x.float().unflatten(-1, (-1, 2))            # [B, H, L, c/2, 2]
-    cos, sin = cos_sin[0], cos_sin[1]
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1)
-    return out.flatten(-2).to(dtype)
+def rope_rotation(schedule, head_dim: int) -> torch.Tensor:
+    """The same rotations as unit complex numbers cos + i sin: [L, head_dim/2] complex64."""
+    cos, sin = rope_cos_sin(schedule, head_dim)
+    return torch.complex(cos, sin)
+
+
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x0, x1) of the last dim: (x0 cos - x1 sin, x0 sin + x1 cos), i.e.
+    one complex multiplication per pair (the same products as the official real formula; one
+    pass over x instead of eight). x: [..., c] fp32; rotation: complex, broadcastable to
+    [..., c/2] (e.g. [L, 1, 1, c/2] for x [B, L, 2, H, c]). Returns fp32 [..., c]."""
+    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # [..., c/2]
+    return torch.view_as_real(pairs * rotation).flatten(-2)

@@ -178,7 +178,7 @@ def sample(model: Infinity, kv_compact: torch.Tensor, cu_seqlens: torch.Tensor, 
             neg_kv, neg_cu = model.null_text(torch.diff(cu).tolist()).to(device), cu
         kv, cu = _pack_concat(kv, cu, neg_kv, neg_cu)
     text = model.encode_text(kv, cu)                 # cond/gss/cross-attention k,v once per image batch
-    caches = model.new_caches()
+    caches = model.new_caches(S.token_count(schedule))
     mix_after = cfgm.depth + cfg_insertion_layer if cfg_insertion_layer < 0 else None
 
     if seed is None:
@@ -252,7 +252,7 @@ def sample(model: Infinity, kv_compact: torch.Tensor, cu_seqlens: torch.Tensor, 
 def _keep_rows(text, caches, B):
     """The text context and KV caches of the first B rows (the conditional half)."""
     for c in caches:
-        c.k, c.v = c.k[:B], c.v[:B]
+        c.keep_rows(B)
     ca_kv = [(k[:B], v[:B], lens[:B]) for k, v, lens in text.ca_kv]
     return type(text)(cond=text.cond[:B], gss=text.gss[:B], ca_kv=ca_kv, cu_seqlens=text.cu_seqlens[:B + 1])
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import schedules as S
 from .attention import attend, attend_varlen, resolve_backend
-from .rope import apply_rope, rope_cos_sin
+from .rope import apply_rope, rope_rotation
 from .zoo import TransformerConfig
 
 LN_EPS = 1e-6
@@ -49,7 +49,8 @@ def _round_bf16(x, precision: str):
 def modulate(x, scale, shift):
     """Non-affine LayerNorm in fp32, then x*(1+scale)+shift (the official fused-norm path)."""
     y = F.layer_norm(x.float(), x.shape[-1:], eps=LN_EPS)
-    return (y * (1 + scale.float()) + shift.float()).to(x.dtype)
+    return torch.addcmul(shift.float(), y, 1 + scale.float()).to(x.dtype)
+
 
 
 def pad_packed(packed: torch.Tensor, cu_seqlens: torch.Tensor):
@@ -78,16 +79,19 @@ class SelfAttention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, H, 1, 1), math.log(4.0)))
         self.proj = nn.Linear(C, C)
 
-    def forward(self, x, cos_sin, mask=None, cache=None, backend="sdpa"):
+    def forward(self, x, rotation, mask=None, cache=None, backend="sdpa"):
+        """x [B, L, C]; rotation: the RoPE of these L tokens, complex [L, c/2]."""
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias.to(x.dtype)).view(B, L, 3, self.H, self.c)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                 # each [B, H, L, c]
-        temperature = self.scale_mul_1H11.float().clamp_max(MAX_SCALE_MUL).exp()
-        q = F.normalize(q.float(), dim=-1, eps=1e-12) * temperature
-        k = F.normalize(k.float(), dim=-1, eps=1e-12)
-        q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)          # fp32
-        q, k = q.to(v.dtype), k.to(v.dtype)
+        # q and k together: unit length (F.normalize's eps), q times the learned temperature, RoPE
+        qk = qkv[:, :, :2].float()                                      # [B, L, 2, H, c]
+        temperature = self.scale_mul_1H11.float().clamp_max(MAX_SCALE_MUL).exp().view(1, self.H, 1)
+        gain = torch.cat((temperature, torch.ones_like(temperature)))   # [2, H, 1]: q, k
+        qk = qk * (gain / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-12))
+        qk = apply_rope(qk, rotation[:, None, None]).to(qkv.dtype)     # fp32 math
+        q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)  # [B, H, L, c] views
+        v = qkv[:, :, 2].transpose(1, 2)
         if cache is not None:                                           # KV-cached inference
             k, v = cache.append(k, v)                                   # [B, H, L_sofar, c]
         o = attend(q, k, v, mask=mask, scale=1.0, backend=backend)      # [B, H, L, c]
@@ -156,15 +160,21 @@ class CrossAttnBlock(nn.Module):
         self.ffn = FFN(C, mlp_hidden)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, gss, text_kv, cos_sin, mask=None, cache=None, ca_precision="bf16", backend="sdpa"):
+    def forward(self, x, gss, text_kv, rotation, mask=None, cache=None, ca_precision="bf16", backend="sdpa"):
         # rows of the 6C table: gamma1 (SA gate), gamma2 (FFN gate), scale1, scale2, shift1, shift2
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss.float() + gss).unbind(2)  # [B,1,C]
         dt = x.dtype
-        sa = self.sa(modulate(x, scale1, shift1), cos_sin, mask=mask, cache=cache, backend=backend)
-        x = x + self.drop_path(sa * gamma1.to(dt))
+        sa = self.sa(modulate(x, scale1, shift1), rotation, mask=mask, cache=cache, backend=backend)
+        x = self._add_gated(x, sa, gamma1.to(dt))
         x = x + self.ca(self.ca_norm(x), text_kv, precision=ca_precision, backend=backend).to(dt)
         ffn = self.ffn(modulate(x, scale2, shift2))
-        return x + self.drop_path(ffn * gamma2.to(dt))
+        return self._add_gated(x, ffn, gamma2.to(dt))
+
+    def _add_gated(self, x, branch, gate):
+        """x + drop_path(branch * gate): one fused pass when drop-path is off (inference)."""
+        if self.drop_path.training and self.drop_path.p > 0:
+            return x + self.drop_path(branch * gate)
+        return torch.addcmul(x, branch, gate)
 
 
 class TextPool(nn.Module):
@@ -240,15 +250,31 @@ class TextContext:
 
 
 class KVCache:
-    """Per-block self-attention keys/values of all scales seen so far (post-RoPE)."""
+    """Per-block self-attention keys/values of all scales seen so far (post-RoPE), kept in
+    buffers [B, capacity, H, c] allocated at the first append: a scale's keys are written once
+    instead of the whole cache being re-copied at every scale. Grows if `capacity` is exceeded."""
 
-    def __init__(self):
-        self.k, self.v = None, None
+    def __init__(self, capacity: int = 0):
+        self.capacity, self.length = capacity, 0
+        self.k_buf = self.v_buf = None
 
     def append(self, k, v):
-        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
-        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
-        return self.k, self.v
+        """k, v [B, H, n, c] -> all keys/values so far, [B, H, length, c] views of the buffers."""
+        n, end = k.shape[2], self.length + k.shape[2]
+        if self.k_buf is None or end > self.k_buf.shape[1]:
+            size = max(end, self.capacity)
+            grown = [t.new_empty(t.shape[0], size, t.shape[1], t.shape[3]) for t in (k, v)]
+            if self.k_buf is not None:
+                grown[0][:, :self.length], grown[1][:, :self.length] = self.k_buf[:, :self.length], self.v_buf[:, :self.length]
+            self.k_buf, self.v_buf = grown
+        self.k_buf[:, self.length:end] = k.transpose(1, 2)
+        self.v_buf[:, self.length:end] = v.transpose(1, 2)
+        self.length = end
+        return self.k_buf[:, :end].transpose(1, 2), self.v_buf[:, :end].transpose(1, 2)
+
+    def keep_rows(self, B: int) -> None:
+        """Keep the first B samples (the conditional half when guidance stops)."""
+        self.k_buf, self.v_buf = self.k_buf[:B], self.v_buf[:B]
 
 
 class Infinity(nn.Module):
@@ -289,8 +315,8 @@ class Infinity(nn.Module):
     def rope(self, schedule, device) -> torch.Tensor:
         key = (tuple(tuple(int(v) for v in s) for s in schedule), str(device))
         if key not in self._rope_cache:
-            self._rope_cache[key] = rope_cos_sin(schedule, self.cfg.head_dim).to(device)
-        return self._rope_cache[key]                                    # [2, L, c/2]
+            self._rope_cache[key] = rope_rotation(schedule, self.cfg.head_dim).to(device)
+        return self._rope_cache[key]                                    # [L, c/2] complex
 
     # -- text -> condition -----------------------------------------------------------------
     def null_text(self, lens) -> torch.Tensor:
@@ -309,8 +335,9 @@ class Infinity(nn.Module):
         return TextContext(cond=cond, gss=gss, ca_kv=ca_kv, cu_seqlens=cu_seqlens)
 
     # -- per-scale API (KV-cached inference) -----------------------------------------------
-    def new_caches(self) -> list[KVCache]:
-        return [KVCache() for _ in range(self.cfg.depth)]
+    def new_caches(self, capacity: int = 0) -> list[KVCache]:
+        """One cache per block; `capacity`: the schedule's token count (buffers sized once)."""
+        return [KVCache(capacity) for _ in range(self.cfg.depth)]
 
     def embed_scale(self, si: int, text: TextContext, next_input=None) -> torch.Tensor:
         """Tokens entering block 0 at scale si: [bs, h*w, C]. Scale 0 is the start token
@@ -328,9 +355,9 @@ class Infinity(nn.Module):
         """All blocks over the tokens of scale si, attending to the cached earlier scales.
         `after_block(i, x) -> x` may replace the hidden states after block i (hidden-state CFG)."""
         start = sum(h * w for _, h, w in schedule[:si])
-        cos_sin = self.rope(schedule, x.device)[:, start:start + x.shape[1]]
+        rotation = self.rope(schedule, x.device)[start:start + x.shape[1]]
         for i, block in enumerate(self.blocks):
-            x = block(x, text.gss, text.ca_kv[i], cos_sin, cache=caches[i],
+            x = block(x, text.gss, text.ca_kv[i], rotation, cache=caches[i],
                       ca_precision=self.ca_precision, backend=self.attn_backend)
             if after_block is not None:
                 x = after_block(i, x)
@@ -369,9 +396,9 @@ class Infinity(nn.Module):
         inter = {"cond_BD": text.cond, "gss": text.gss, "block_in": x}
         g = scale_of_token.to(x.device)
         mask = g[None, :] <= g[:, None]                                           # [L, L] block-causal
-        cos_sin = self.rope(schedule, x.device)
+        rotation = self.rope(schedule, x.device)
         for i, block in enumerate(self.blocks):
-            x = block(x, text.gss, text.ca_kv[i], cos_sin, mask=mask,
+            x = block(x, text.gss, text.ca_kv[i], rotation, mask=mask,
                       ca_precision=self.ca_precision, backend=self.attn_backend)
             inter[f"block_out.{i}"] = x
         hn = self.head_nm(x, text.cond)

@@ -20,8 +20,12 @@ from . import bsq
 from .zoo import VAEConfig
 
 
-def swish(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(x)  # the official form (F.silu may round differently)
+def norm_swish(norm: nn.Module, x: Tensor) -> Tensor:
+    """swish(norm(x)). The official swish is x * sigmoid(x); F.silu is the same function in one
+    pass instead of two (rounding may differ in the last bit; the parity fixtures' tolerances hold),
+    applied in place on the fresh normalisation output when no gradient is recorded (one picture-
+    sized allocation less per call)."""
+    return F.silu(norm(x), inplace=not torch.is_grad_enabled())
 
 
 class Conv(nn.Module):
@@ -56,11 +60,11 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = Conv(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(swish(self.norm2(h)))
+        h = self.conv1(norm_swish(self.norm1, x))
+        h = self.conv2(norm_swish(self.norm2, h))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
-        return x + h
+        return x + h if torch.is_grad_enabled() else h.add_(x)  # h: the fresh conv2 output
 
 
 class Downsample(nn.Module):
@@ -112,7 +116,7 @@ class Encoder(nn.Module):
             if hasattr(down, "downsample"):
                 h = down.downsample(h)
         h = self.mid.block_2(self.mid.block_1(h))
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(norm_swish(self.norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -146,7 +150,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(up, "upsample"):
                 h = up.upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(norm_swish(self.norm_out, h))
 
 
 class _LFQ(nn.Module):
@@ -231,8 +235,12 @@ class BSQVAE(nn.Module):
         return (f, *self.quantize(f, vae_schedule))
 
     def decode(self, summed_codes: Tensor) -> Tensor:
-        """summed codes [B, d, h, w] -> picture [B, 3, h*p, w*p] clamped to [-1, 1]."""
-        return self.decoder(summed_codes).clamp(-1, 1)
+        """summed codes [B, d, h, w] -> picture [B, 3, h*p, w*p] clamped to [-1, 1]. On the CPU the
+        activations run channels-last (oneDNN's native layout: measured ~15% faster by
+        bench/generate.py's VAE figures; same values)."""
+        if summed_codes.device.type == "cpu":
+            summed_codes = summed_codes.contiguous(memory_format=torch.channels_last)
+        return self.decoder(summed_codes).clamp(-1, 1).contiguous()
 
     def decode_bits(self, bits_list: list[Tensor]) -> Tensor:
         """bits of every scale [B, 1, h_k, w_k, d] (last = full latent grid) -> picture in [-1, 1]."""

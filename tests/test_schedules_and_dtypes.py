@@ -8,8 +8,9 @@ import torch
 
 import parity_fixtures as pf
 from infinity_core import schedules as S
-from infinity_core.rope import grid_positions, rope_cos_sin
+from infinity_core.rope import apply_rope, grid_positions, rope_cos_sin, rope_rotation
 from infinity_core.sampler import sample
+from infinity_core.transformer import KVCache
 from tiny_models import random_text, tiny_transformer
 
 
@@ -66,6 +67,32 @@ def test_rope_positions_use_the_1m_grid_with_half_to_even_rounding():
     rows = sorted(set(twenties[:20 * 16, 0].tolist()))
     assert rows[:8] == [0, 4, 7, 10, 14, 18, 21, 24]   # 3.5 -> 4, 10.5 -> 10, 17.5 -> 18, 24.5 -> 24
     assert rope_cos_sin(S.get_schedule(1.0, "0.06M"), 32).shape == (2, 521, 16)
+
+
+def test_rope_as_complex_rotation_equals_the_official_pair_formula():
+    schedule = S.get_schedule(1.0, "0.06M")
+    cos, sin = rope_cos_sin(schedule, 32)                         # [L, 16] each
+    x = torch.randn(2, 521, 3, 32, generator=torch.Generator().manual_seed(0))  # [B, L, heads, c]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    c, s_ = cos[:, None], sin[:, None]
+    official = torch.stack([c * x0 - s_ * x1, s_ * x0 + c * x1], dim=-1).flatten(-2)
+    out = apply_rope(x, rope_rotation(schedule, 32)[:, None])
+    assert torch.allclose(out, official, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("capacity", [0, 7, 100])
+def test_kv_cache_holds_every_scale_in_order_whatever_its_capacity(capacity):
+    """Buffers sized once (capacity = the schedule's tokens), too small (grows) or absent."""
+    g = torch.Generator().manual_seed(0)
+    chunks = [(torch.randn(2, 3, n, 4, generator=g), torch.randn(2, 3, n, 4, generator=g)) for n in (1, 4, 16)]
+    cache = KVCache(capacity)
+    for i, (k, v) in enumerate(chunks):
+        got_k, got_v = cache.append(k, v)
+        assert torch.equal(got_k, torch.cat([c[0] for c in chunks[:i + 1]], dim=2))
+        assert torch.equal(got_v, torch.cat([c[1] for c in chunks[:i + 1]], dim=2))
+    cache.keep_rows(1)
+    k2, v2 = cache.append(chunks[0][0][:1], chunks[0][1][:1])
+    assert k2.shape == (1, 3, 22, 4) and torch.equal(k2[:, :, 21:], chunks[0][0][:1])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -2,7 +2,7 @@
 
 For each case (random weights of real shapes): seconds per image, per scale (transformer and VAE
 decode separately), transformer tokens/s, effective GFLOP/s of the transformer and of the VAE
-decoder as a fraction of the matmul rate measured in the same run, peak RSS. FLOPs are counted by
+decoder as a fraction of the matmul rate measured right before and after each of them, peak RSS. FLOPs are counted by
 torch.utils.flop_counter on the very same calls (PyTorch's counter has no formula for the CPU
 flash-attention kernel that SDPA runs here; we register the standard SDPA count for it, 4 B H Lq Lk c,
 so attention is counted as it is on CUDA and as the official code's explicit matmuls are). Optional speed modes print their speed-up and how
@@ -94,16 +94,22 @@ def run_case(name: str, reps: int, cfg: float, modes: list[str]) -> dict:
         vae.decode(res.summed_codes)
     v_flops = fc.get_total_flops()
 
-    t_times, v_times, rates, per_scale = [], [], [], None
+    # Each repetition measures the matmul rate right before and after the transformer and the VAE
+    # decode; a run's fraction is its GFLOP/s over the mean of the two rates around it (the machine's
+    # rate drifts by 2x within minutes), and the medians over repetitions are printed.
+    t_times, v_times, rates, t_fracs, v_fracs, per_scale = [], [], [], [], [], None
     for _ in range(reps):
-        rates.append(matmul_gflops())
+        r0 = matmul_gflops()
         marks = [time.perf_counter()]
         res, t_s = timed(lambda: run(callback=lambda si, b, p: marks.append(time.perf_counter())))
         per_scale = [round(e - s, 3) for s, e in zip(marks[:-1], marks[1:])]
+        r1 = matmul_gflops()
         with torch.inference_mode():
             _, v_s = timed(lambda: vae.decode(res.summed_codes))
-        t_times.append(t_s), v_times.append(v_s)
-        rates.append(matmul_gflops())
+        r2 = matmul_gflops()
+        t_times.append(t_s), v_times.append(v_s), rates.extend((r0, r1, r2))
+        t_fracs.append(t_flops / t_s / 1e9 / ((r0 + r1) / 2))
+        v_fracs.append(v_flops / v_s / 1e9 / ((r1 + r2) / 2))
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     rate, t_s, v_s = med(rates), med(t_times), med(v_times)
     tokens = S.token_count(schedule) * (2 if cfg != 1 else 1)
@@ -115,9 +121,11 @@ def run_case(name: str, reps: int, cfg: float, modes: list[str]) -> dict:
         "transformer_tokens_per_s": round(tokens / t_s, 1),
         "transformer_tflop": round(t_flops / 1e12, 3), "vae_tflop": round(v_flops / 1e12, 3),
         "transformer_gflops": round(t_flops / t_s / 1e9, 1),
-        "transformer_frac_of_matmul": round(t_flops / t_s / 1e9 / rate, 3),
+        "transformer_frac_of_matmul": round(med(t_fracs), 3),
         "vae_gflops": round(v_flops / v_s / 1e9, 1),
-        "vae_frac_of_matmul": round(v_flops / v_s / 1e9 / rate, 3),
+        "vae_frac_of_matmul": round(med(v_fracs), 3),
+        "fracs_per_rep": {"transformer": [round(f, 3) for f in t_fracs], "vae": [round(f, 3) for f in v_fracs]},
+        "matmul_gflops_range": [round(min(rates), 1), round(max(rates), 1)],
         "peak_rss_gib": round(peak_rss_gib(), 2),
     }
     exact = res

@@ -27,6 +27,8 @@ def quantize_int8(model):
             parent = block.get_submodule(parent_name)
             lin = getattr(parent, leaf)
             if isinstance(lin, nn.Linear):
-                q = quantize_dynamic(nn.Sequential(lin.float()), {nn.Linear}, dtype=torch.qint8)[0]
+                plain = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+                plain.load_state_dict(lin.float().state_dict())  # BlockLinear -> the type quantize_dynamic maps
+                q = quantize_dynamic(nn.Sequential(plain), {nn.Linear}, dtype=torch.qint8)[0]
                 setattr(parent, leaf, q)
     return model

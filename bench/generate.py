@@ -4,8 +4,9 @@ For each case (random weights of real shapes): seconds per image, per scale (tra
 decode separately), transformer tokens/s, effective GFLOP/s of the transformer and of the VAE
 decoder as a fraction of the matmul rate measured right before and after each of them, peak RSS. FLOPs are counted by
 torch.utils.flop_counter on the very same calls (PyTorch's counter has no formula for the CPU
-flash-attention kernel that SDPA runs here; we register the standard SDPA count for it, 4 B H Lq Lk c,
-so attention is counted as it is on CUDA and as the official code's explicit matmuls are). Optional speed modes print their speed-up and how
+flash-attention kernel that SDPA runs here, nor for oneDNN's linear; we register the standard counts,
+4 B H Lq Lk c and 2 M K N, so attention is counted as on CUDA and as the official code's explicit
+matmuls are). Optional speed modes print their speed-up and how
 many bits differ from the exact mode at the same seed.
 
     python bench/generate.py                      # layer12 256+512, 2B 256
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import sys
 import time
@@ -41,6 +43,12 @@ CASES = {
 @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+def _onednn_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """The blocks' oneDNN linear (transformer.block_linear, early scales): 2 M K N like addmm."""
+    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
 
 
 def matmul_gflops(n: int = 2048, reps: int = 10) -> float:

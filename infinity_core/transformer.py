@@ -47,7 +47,7 @@ def block_linear(x, weight, bias=None):
     """F.linear for the blocks' layers. On the CPU in fp32 inference, inputs of 4 to 256 rows (the
     early scales, where the weights are streamed for few tokens) go through oneDNN, which streams
     them 1.2-1.7x faster than MKL's sgemm at these row counts (2B shapes, scales 1-3: about a third
-    less time, same bits at the same seed); everything else is F.linear."""
+    less time, and the same bits at the same seed in that run); everything else is F.linear."""
     rows = x.numel() // x.shape[-1]
     if (_ONEDNN_LINEAR and 4 <= rows <= 256 and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and not torch.is_grad_enabled()):
@@ -72,7 +72,6 @@ def modulate(x, scale, shift):
     """Non-affine LayerNorm in fp32, then x*(1+scale)+shift (the official fused-norm path)."""
     y = F.layer_norm(x.float(), x.shape[-1:], eps=LN_EPS)
     return torch.addcmul(shift.float(), y, 1 + scale.float()).to(x.dtype)
-
 
 
 def pad_packed(packed: torch.Tensor, cu_seqlens: torch.Tensor):
@@ -282,21 +281,22 @@ class KVCache:
 
     def append(self, k, v):
         """k, v [B, H, n, c] -> all keys/values so far, [B, H, length, c] views of the buffers."""
-        n, end = k.shape[2], self.length + k.shape[2]
+        start, end = self.length, self.length + k.shape[2]
         if self.k_buf is None or end > self.k_buf.shape[1]:
-            size = max(end, self.capacity)
-            grown = [t.new_empty(t.shape[0], size, t.shape[1], t.shape[3]) for t in (k, v)]
+            B, H, _, c = k.shape
+            k_buf, v_buf = k.new_empty(B, max(end, self.capacity), H, c), v.new_empty(B, max(end, self.capacity), H, c)
             if self.k_buf is not None:
-                grown[0][:, :self.length], grown[1][:, :self.length] = self.k_buf[:, :self.length], self.v_buf[:, :self.length]
-            self.k_buf, self.v_buf = grown
-        self.k_buf[:, self.length:end] = k.transpose(1, 2)
-        self.v_buf[:, self.length:end] = v.transpose(1, 2)
+                k_buf[:, :start], v_buf[:, :start] = self.k_buf[:, :start], self.v_buf[:, :start]
+            self.k_buf, self.v_buf = k_buf, v_buf
+        self.k_buf[:, start:end] = k.transpose(1, 2)
+        self.v_buf[:, start:end] = v.transpose(1, 2)
         self.length = end
         return self.k_buf[:, :end].transpose(1, 2), self.v_buf[:, :end].transpose(1, 2)
 
     def keep_rows(self, B: int) -> None:
         """Keep the first B samples (the conditional half when guidance stops)."""
-        self.k_buf, self.v_buf = self.k_buf[:B], self.v_buf[:B]
+        if self.k_buf is not None:
+            self.k_buf, self.v_buf = self.k_buf[:B], self.v_buf[:B]
 
 
 class Infinity(nn.Module):

@@ -162,13 +162,14 @@ def main(argv=None) -> int:
     recommended = max(good) if good else None
     print(f"recommended k for recolouring: {recommended}")
     out_mad, in_mad = np.array(masked["outside_mad_by_extra"][0]), np.array(masked["inside_mad"])
+    band_max = int(np.max(masked["band_px"]))
     print(f"masked edit (k {MASK_K}, box + {MASK_MARGIN_PX} px): mean |diff| to the reconstruction outside the mask "
-          f"beyond the {int(np.max(masked['band_px']))} px band {out_mad.mean():.2f} grey levels "
+          f"beyond the {band_max} px band {out_mad.mean():.2f} grey levels "
           f"(max {out_mad.max():.2f}), inside {in_mad.mean():.1f}")
     by_extra = {}
     for e, vals in masked["outside_mad_by_extra"].items():
         v = np.array(vals)
-        by_extra[e] = {"band_px": int(np.max(masked["band_px"])) + e, "mean": float(v.mean()), "max": float(v.max()),
+        by_extra[e] = {"band_px": band_max + e, "mean": float(v.mean()), "max": float(v.max()),
                        "sources_within_1": int((v <= 1.0).sum())}
         print(f"  band {by_extra[e]['band_px']} px: outside mean {v.mean():.2f}, max {v.max():.2f}, "
               f"{by_extra[e]['sources_within_1']}/{n} sources within 1 grey level")
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
               "recommended_k": recommended, "masked": {"outside_mad_mean": float(out_mad.mean()),
                                                        "outside_mad_max": float(out_mad.max()),
                                                        "inside_mad_mean": float(in_mad.mean()),
-                                                       "band_px_max": int(np.max(masked["band_px"])),
+                                                       "band_px_max": band_max,
                                                        "by_band": by_extra},
               "rows": rows, "seconds": time.time() - t0}
     if args.report:

@@ -284,7 +284,8 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         if self.k_buf is None or end > self.k_buf.shape[1]:
             B, H, _, c = k.shape
-            k_buf, v_buf = k.new_empty(B, max(end, self.capacity), H, c), v.new_empty(B, max(end, self.capacity), H, c)
+            size = max(end, self.capacity)
+            k_buf, v_buf = k.new_empty(B, size, H, c), v.new_empty(B, size, H, c)
             if self.k_buf is not None:
                 k_buf[:, :start], v_buf[:, :start] = self.k_buf[:, :start], self.v_buf[:, :start]
             self.k_buf, self.v_buf = k_buf, v_buf

@@ -236,8 +236,9 @@ class BSQVAE(nn.Module):
 
     def decode(self, summed_codes: Tensor) -> Tensor:
         """summed codes [B, d, h, w] -> picture [B, 3, h*p, w*p] clamped to [-1, 1]. On the CPU the
-        activations run channels-last (oneDNN's native layout: measured ~15% faster by
-        bench/generate.py's VAE figures; same values)."""
+        activations run channels-last, oneDNN's native convolution layout (values equal within 1e-6;
+        with norm_swish's in-place activations, bench/generate.py's 512x512 decode went from 22.2 s
+        to 17.6 s)."""
         if summed_codes.device.type == "cpu":
             summed_codes = summed_codes.contiguous(memory_format=torch.channels_last)
         return self.decoder(summed_codes).clamp(-1, 1).contiguous()

@@ -341,7 +341,6 @@ def test_caption_parsing_pretraining_teaches_the_t5_to_read_captions(tmp_path):
     from infinity_core import text_pretrain as TP
     folder = T.create_tiny_t5(tmp_path / "t5", D.caption_corpus(400, 0), d_model=128, d_ff=256, num_heads=4)
     before = load_file(folder / "model.safetensors")
-    torch.manual_seed(0)
     report = T.pretrain_tiny_t5(folder, 150, "cpu", log=None)
     assert report["loss"] < report["first_loss"] / 3, report
     assert 0.0 <= report["heldout_parse_acc"] <= 1.0 and 0.0 <= report["train_parse_acc"] <= 1.0

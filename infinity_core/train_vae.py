@@ -52,9 +52,13 @@ HELP = "train a BSQ VAE tokenizer (reconstruction + BSQ commitment and entropy l
 # ------------------------------------------------------------------------------------------------
 # straight-through multi-scale BSQ with the BSQ losses
 
-def latent_schedule(h: int, w: int):
+def latent_schedule(h: int, w: int, patchify: bool = False):
     """The schedule that quantises a latent of h x w: the official template schedule ending there
-    (1:1 prefixes for square crops), else the official schedule of the nearest template."""
+    (1:1 prefixes for square crops). With patchify (stride-8 VAEs, 2x2 latent cells per token) the
+    latent grids are twice the token grids of the schedule ending at h/2 x w/2, as at inference
+    (schedules.vae_schedule)."""
+    if patchify:
+        return S.vae_schedule(latent_schedule(h // 2, w // 2), True)
     for t, grids in S.TEMPLATES.items():
         for n in range(1, len(grids) + 1):
             if grids[n - 1] == (h, w):
@@ -124,7 +128,8 @@ def evaluate_vae(vae, images: torch.Tensor, scenes=None, batch: int = 8) -> dict
     rows = []
     for a in range(0, len(images), batch):
         x = images[a:a + batch]
-        sched = latent_schedule(x.shape[-2] // vae.cfg.patch_size, x.shape[-1] // vae.cfg.patch_size)
+        sched = latent_schedule(x.shape[-2] // vae.cfg.patch_size, x.shape[-1] // vae.cfg.patch_size,
+                                vae.cfg.patchify_vae)
         _, summed, _, _ = vae.encode(x, sched)
         y = vae.decode(summed)
         mse_sum += float(((y - x) / 2).pow(2).mean(dim=(1, 2, 3)).sum())
@@ -356,7 +361,7 @@ def train_vae(args) -> dict:
             g["lr"] = cur_lr * g.get("lr_mult", 1.0)
         img = get_images(step)
         seed_step(args.seed, step, dist.rank)
-        sched = latent_schedule(img.shape[-2] // cfg.patch_size, img.shape[-1] // cfg.patch_size)
+        sched = latent_schedule(img.shape[-2] // cfg.patch_size, img.shape[-1] // cfg.patch_size, cfg.patchify_vae)
         rec, st = fwd(img, sched)
         l1 = (rec - img).abs().mean()
         l2 = (rec - img).pow(2).mean()

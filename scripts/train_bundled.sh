@@ -6,7 +6,8 @@
 #
 # Stages (each resumes from its own checkpoint, and is skipped when its output exists, so the
 # command can be re-run after an interruption and continues where it stopped):
-#   1. BSQ VAE (16 bits, stride 16) on 64 px crops, then whole pictures shrunk to 128 px, then 256 px
+#   1. BSQ VAE (16 bits per latent cell, stride 8, 2x2 cells per transformer token like the released 8B's
+#      VAE) on 64 px crops, then whole pictures shrunk to 128 px, then 256 px
 #   2. tiny T5 (tokenizer trained on the caption vocabulary, pretrained on caption parsing: text only)
 #      + transformer with bitwise self-correction (the T5 fine-tuned with it at 0.3x the lr)
 #   3. the same transformer budget without self-correction (the paper's ablation)        [ABLATION=1]
@@ -39,7 +40,7 @@ log() { echo "[$(stamp)] $*" | tee -a "$RUN/stages.log" >&2; }
 if [ ! -f "$RUN/vae/done" ]; then
   log "stage 1: VAE ($VAE_STEPS steps, at most $VAE_MINUTES min)"
   "$PY" -m infinity_core train-vae --out "$RUN/vae" --threads "$THREADS" \
-    --bits 16 --base-ch 32 --ch-mult 1,1,2,2,4 --num-res-blocks 1 --norm-groups 8 \
+    --bits 16 --patch-size 8 --base-ch 32 --ch-mult 1,1,2,2 --num-res-blocks 1 --norm-groups 8 \
     --crop-schedule "64:$((VAE_STEPS * 6 / 7)):16,r128:$((VAE_STEPS * 27 / 28)):4" --full-batch-size 2 \
     --steps "$VAE_STEPS" --max-minutes "$VAE_MINUTES" --lr 3e-4 --encoder-lr-mult 1 --warmup-steps 50 \
     --eval-every 400 --ckpt-every 200 --log-every 50 --eval-samples 24

@@ -56,6 +56,8 @@ def card(run: Path, bundle: Path) -> str:
     ev = read_json(run / "eval" / "transformer.json")
     ev_nb = read_json(run / "eval" / "transformer_no_bsc.json")
     defaults = read_json(bundle / "defaults.json")
+    vcfg = read_json(run / "vae" / "summary.json").get("config", {})
+    token_px = vcfg.get("patch_size", 16) * (2 if vcfg.get("patch_size") == 8 else 1)  # 2x2 patchify at stride 8
     sizes = {p.name: p.stat().st_size for p in bundle.rglob("*") if p.is_file()}
     total_mb = sum(sizes.values()) / 1e6
     vae_minutes = vae_log[-1]["elapsed_min"] if vae_log else None
@@ -80,10 +82,15 @@ def card(run: Path, bundle: Path) -> str:
              f"- transformer: depth {cfg.get('depth')}, width {cfg.get('width')}, heads {cfg.get('num_heads')}, "
              f"{cfg.get('vae_bits')} bits per token, text width {cfg.get('text_channels')}; "
              f"{(t_sum.get('params') or 0) / 1e6:.2f}M parameters",
-             "- VAE: 16 bits, stride 16, base 32 channels x (1, 1, 2, 2, 4), 1 res block, GroupNorm with 8 "
-             "groups (4 channels per group, as in the released VAEs' 128-channel layers; 32 groups on 32 "
-             "channels would be a per-channel instance norm that erases colours before the last "
-             "convolution); multi-scale BSQ along the official 1:1 0.06M schedule (7 scales, 1x1 .. 16x16)",
+             f"- VAE: {vcfg.get('bits')} bits per latent cell, stride {vcfg.get('patch_size')}, base "
+             f"{vcfg.get('base_ch')} channels x {tuple(vcfg.get('ch_mult', ()))}, {vcfg.get('num_res_blocks')} res "
+             f"block, GroupNorm with {vcfg.get('norm_groups')} groups (4 channels per group, as in the released "
+             "VAEs' 128-channel layers; 32 groups on 32 channels would be a per-channel instance norm that erases "
+             "colours before the last convolution)"
+             + ("; like the released 8B's VAE, 2x2 latent cells are folded into one transformer token "
+                f"(patchify: {4 * (vcfg.get('bits') or 0)} bits per token)" if vcfg.get("patch_size") == 8 else "")
+             + f"; multi-scale BSQ along the official 1:1 0.06M schedule (7 scales of tokens, 1x1 .. 16x16, each "
+             f"token {token_px}x{token_px} px)",
              "- text encoder: T5 encoder, d_model 128, sentencepiece tokenizer trained on the caption vocabulary"
              + (f"; pretrained on caption parsing before the transformer (text only, training-split captions: "
                 f"from the mean of its features, linear heads read the background colour, the number of objects "
@@ -178,8 +185,8 @@ def card(run: Path, bundle: Path) -> str:
                                                 sorted(read_as.items(), key=lambda kv: -kv[1])) + ". Part of this "
                   "is the VAE: the analyzer reads its own reconstructions of held-out pictures with colour "
                   f"{pct(rec.get('colour'))}, position {pct(rec.get('position'))}, but shape only "
-                  f"{pct(rec.get('shape'))} (16 bits per 16x16 patch; rounded corners and star points read as "
-                  "circles); the rest is the transformer, which has seen too few samples to learn the shape words.",
+                  f"{pct(rec.get('shape'))} ({vcfg.get('bits')} bits per {vcfg.get('patch_size')}x{vcfg.get('patch_size')} px latent cell; "
+                  "rounded corners and star points read as circles); the rest is the transformer, which has seen too few samples to learn the shape words.",
                   ""]
     return "\n".join(lines)
 

@@ -168,6 +168,7 @@ def test_straight_through_bsq_matches_inference_quantiser_and_passes_gradients()
     assert f.grad is not None and float(f.grad.abs().sum()) > 0
     assert 0 <= float(st["ent_sample"]) <= np.log(2) + 1e-6 and 0 <= float(st["ent_book"]) <= np.log(2) + 1e-6
     assert TV.latent_schedule(8, 8) == S.get_schedule(1.0, "0.06M")[:5]
+    assert TV.latent_schedule(32, 32, patchify=True) == S.vae_schedule(S.get_schedule(1.0, "0.06M"), True)
 
 
 def test_official_init_and_param_groups():

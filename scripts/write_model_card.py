@@ -178,15 +178,21 @@ def card(run: Path, bundle: Path) -> str:
             for o in r["read"]["objects"]:
                 read_as[o["shape"]] = read_as.get(o["shape"], 0) + 1
         n_read = sum(read_as.values()) or 1
+        asked = {}  # prompted shape -> [drawn right, prompted]
+        for r in rows:
+            for o, ok in zip(r["scene"]["objects"], r["score"]["shape"]):
+                asked.setdefault(o["shape"], [0, 0])
+                asked[o["shape"]][0] += bool(ok)
+                asked[o["shape"]][1] += 1
         lines += ["Known failures at this training budget (from the 200-prompt evaluation above): object colour "
                   f"right by kind of prompt: {by_kind}; in {same} of the {len(two)} two-colour scenes both objects came "
-                  "out in one colour. It draws rounded blobs for every shape word: of the objects the analyzer "
-                  "found, it read " + ", ".join(f"{pct(v / n_read)} as {k}s" for k, v in
-                                                sorted(read_as.items(), key=lambda kv: -kv[1])) + ". Part of this "
-                  "is the VAE: the analyzer reads its own reconstructions of held-out pictures with colour "
-                  f"{pct(rec.get('colour'))}, position {pct(rec.get('position'))}, but shape only "
-                  f"{pct(rec.get('shape'))} ({vcfg.get('bits')} bits per {vcfg.get('patch_size')}x{vcfg.get('patch_size')} px latent cell; "
-                  "rounded corners and star points read as circles); the rest is the transformer, which has seen too few samples to learn the shape words.",
+                  "out in one colour. Shape right by the shape asked for: "
+                  + ", ".join(f"{k} {pct(v[0] / v[1])} ({v[1]})" for k, v in sorted(asked.items()))
+                  + "; of the objects the analyzer found, it read "
+                  + ", ".join(f"{pct(v / n_read)} as {k}s" for k, v in sorted(read_as.items(), key=lambda kv: -kv[1]))
+                  + ". For comparison, the analyzer reads the VAE's own reconstructions of held-out pictures with "
+                  f"colour {pct(rec.get('colour'))}, position {pct(rec.get('position'))} and shape "
+                  f"{pct(rec.get('shape'))}: what is missing beyond that is the transformer's.",
                   ""]
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 
@@ -57,7 +58,6 @@ def card(run: Path, bundle: Path) -> str:
     ev_nb = read_json(run / "eval" / "transformer_no_bsc.json")
     defaults = read_json(bundle / "defaults.json")
     vcfg = read_json(run / "vae" / "summary.json").get("config", {})
-    token_px = vcfg.get("patch_size", 16) * (2 if vcfg.get("patch_size") == 8 else 1)  # 2x2 patchify at stride 8
     sizes = {p.name: p.stat().st_size for p in bundle.rglob("*") if p.is_file()}
     total_mb = sum(sizes.values()) / 1e6
     vae_minutes = vae_log[-1]["elapsed_min"] if vae_log else None
@@ -89,8 +89,8 @@ def card(run: Path, bundle: Path) -> str:
              "colours before the last convolution)"
              + ("; like the released 8B's VAE, 2x2 latent cells are folded into one transformer token "
                 f"(patchify: {4 * (vcfg.get('bits') or 0)} bits per token)" if vcfg.get("patch_size") == 8 else "")
-             + f"; multi-scale BSQ along the official 1:1 0.06M schedule (7 scales of tokens, 1x1 .. 16x16, each "
-             f"token {token_px}x{token_px} px)",
+             + "; multi-scale BSQ along the official 1:1 0.06M schedule (7 scales of tokens, 1x1 .. 16x16, each "
+             "token 16x16 px)",
              "- text encoder: T5 encoder, d_model 128, sentencepiece tokenizer trained on the caption vocabulary"
              + (f"; pretrained on caption parsing before the transformer (text only, training-split captions: "
                 f"from the mean of its features, linear heads read the background colour, the number of objects "
@@ -178,16 +178,15 @@ def card(run: Path, bundle: Path) -> str:
             for o in r["read"]["objects"]:
                 read_as[o["shape"]] = read_as.get(o["shape"], 0) + 1
         n_read = sum(read_as.values()) or 1
-        asked = {}  # prompted shape -> [drawn right, prompted]
+        asked, right = Counter(), Counter()  # per prompted shape: objects, objects drawn in that shape
         for r in rows:
             for o, ok in zip(r["scene"]["objects"], r["score"]["shape"]):
-                asked.setdefault(o["shape"], [0, 0])
-                asked[o["shape"]][0] += bool(ok)
-                asked[o["shape"]][1] += 1
+                asked[o["shape"]] += 1
+                right[o["shape"]] += bool(ok)
         lines += ["Known failures at this training budget (from the 200-prompt evaluation above): object colour "
                   f"right by kind of prompt: {by_kind}; in {same} of the {len(two)} two-colour scenes both objects came "
                   "out in one colour. Shape right by the shape asked for: "
-                  + ", ".join(f"{k} {pct(v[0] / v[1])} ({v[1]})" for k, v in sorted(asked.items()))
+                  + ", ".join(f"{k} {pct(right[k] / n)} ({n})" for k, n in sorted(asked.items()))
                   + "; of the objects the analyzer found, it read "
                   + ", ".join(f"{pct(v / n_read)} as {k}s" for k, v in sorted(read_as.items(), key=lambda kv: -kv[1]))
                   + ". For comparison, the analyzer reads the VAE's own reconstructions of held-out pictures with "

@@ -869,12 +869,12 @@ def train(args) -> dict:
                 acc = (pred == lab).float().mean(-1)
                 sizes = [h * w for _, h, w in sched]
                 accs = [float(a.mean()) for a in acc.split(sizes, dim=1)]
-            dt = time.time() - ts
-            row = {"step": step, "loss": float(loss.detach()), "lr": cur_lr, "grad_norm": gnorm, "sec": dt,
+            dt, loss_value = time.time() - ts, float(loss.detach())
+            row = {"step": step, "loss": loss_value, "lr": cur_lr, "grad_norm": gnorm, "sec": dt,
                    "acc_per_scale": accs, "elapsed_min": (time.time() - t_start) / 60,
                    "cpu_min": time.process_time() / 60}
             jsonl_append(log_path, row)
-            print(f"step {step:5d} loss {float(loss.detach()):.4f} acc {sum(accs) / len(accs):.3f} (last {accs[-1]:.3f}) "
+            print(f"step {step:5d} loss {loss_value:.4f} acc {sum(accs) / len(accs):.3f} (last {accs[-1]:.3f}) "
                   f"gnorm {gnorm:.2f} lr {cur_lr:.2e} {dt:.2f}s/step {(time.time() - t_start) / 60:.1f}min",
                   flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:

@@ -66,6 +66,11 @@ def latent_schedule(h: int, w: int, patchify: bool = False):
     raise ValueError(f"no official schedule ends at a {h}x{w} latent")
 
 
+def picture_schedule(cfg, img: torch.Tensor):
+    """latent_schedule of the latent grid that the VAE `cfg` makes of pictures img [..., H, W]."""
+    return latent_schedule(img.shape[-2] // cfg.patch_size, img.shape[-1] // cfg.patch_size, cfg.patchify_vae)
+
+
 def quantize_train(f: torch.Tensor, schedule, inv_temperature: float = 100.0):
     """Multi-scale residual BSQ of f [B, d, H, W] with straight-through gradients.
     Returns (summed codes [B, d, H, W] (differentiable), stats) where stats holds the commitment loss,
@@ -128,8 +133,7 @@ def evaluate_vae(vae, images: torch.Tensor, scenes=None, batch: int = 8) -> dict
     rows = []
     for a in range(0, len(images), batch):
         x = images[a:a + batch]
-        sched = latent_schedule(x.shape[-2] // vae.cfg.patch_size, x.shape[-1] // vae.cfg.patch_size,
-                                vae.cfg.patchify_vae)
+        sched = picture_schedule(vae.cfg, x)
         _, summed, _, _ = vae.encode(x, sched)
         y = vae.decode(summed)
         mse_sum += float(((y - x) / 2).pow(2).mean(dim=(1, 2, 3)).sum())
@@ -361,7 +365,7 @@ def train_vae(args) -> dict:
             g["lr"] = cur_lr * g.get("lr_mult", 1.0)
         img = get_images(step)
         seed_step(args.seed, step, dist.rank)
-        sched = latent_schedule(img.shape[-2] // cfg.patch_size, img.shape[-1] // cfg.patch_size, cfg.patchify_vae)
+        sched = picture_schedule(cfg, img)
         rec, st = fwd(img, sched)
         l1 = (rec - img).abs().mean()
         l2 = (rec - img).pow(2).mean()

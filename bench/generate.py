@@ -77,7 +77,9 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def run_case(name: str, reps: int, cfg: float, modes: list[str]) -> dict:
+def build_case(name: str):
+    """A case's transformer and VAE with random weights of the real shapes, its schedule and a
+    24-token text condition: (model, vae, schedule, text [24, C], cu_seqlens)."""
     tname, vname, tier = CASES[name]
     tcfg = TRANSFORMERS[tname]
     with torch.device("meta"):
@@ -90,9 +92,12 @@ def run_case(name: str, reps: int, cfg: float, modes: list[str]) -> dict:
             if n == "zero_k_bias":
                 buf.zero_()
     model.eval(), vae.eval()
-    schedule = S.get_schedule(1.0, tier)
     text = torch.randn(24, tcfg.text_channels) * 0.3
-    cu = torch.tensor([0, 24], dtype=torch.int32)
+    return model, vae, S.get_schedule(1.0, tier), text, torch.tensor([0, 24], dtype=torch.int32)
+
+
+def run_case(name: str, reps: int, cfg: float, modes: list[str]) -> dict:
+    model, vae, schedule, text, cu = build_case(name)
     run = lambda **kw: sample(model, text, cu, schedule, cfg=cfg, tau=1.0, seed=0, **kw)  # noqa: E731
 
     with FlopCounterMode(display=False) as fc:

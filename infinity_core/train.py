@@ -601,6 +601,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pn", default="0.06M", choices=list(S.TIERS), help="resolution tier")
     g.add_argument("--templates", default="1.0", help="h/w templates to train on, e.g. '1.0' or '1.0,0.5,2.0'")
     g.add_argument("--short-cap-prob", type=float, default=0.5)
+    g.add_argument("--two-object-fraction", type=float, default=0.3,
+                   help="shapes: fraction of training scenes with two objects (the held-out evaluation uses 0.4)")
     g.add_argument("--feature-cache", type=int, default=0,
                    help="shapes: train on a fixed pool of this many pictures whose VAE features are computed "
                         "once and cached (0: draw new pictures every step)")
@@ -728,11 +730,14 @@ def train(args) -> dict:
     pool = sampler = source = None
     eval_pool = None
     if args.data == "shapes":
-        source = D.SyntheticShapes(args.data_seed, "train", args.pn, templates)
+        if not 0.0 <= args.two_object_fraction <= 1.0:
+            raise SystemExit(f"--two-object-fraction {args.two_object_fraction}: expected a fraction in [0, 1]")
+        source = D.SyntheticShapes(args.data_seed, "train", args.pn, templates, p_two=args.two_object_fraction)
         heldout = D.SyntheticShapes(args.data_seed, "heldout", args.pn, templates)
         if args.feature_cache:
+            two = "" if args.two_object_fraction == 0.3 else f"-two{args.two_object_fraction:g}"
             pool = cached_pool(source, args.feature_cache, vae, args.vae, device, dist, Path(args.cache_dir),
-                               f"shapes-train-s{args.data_seed}-{args.pn}-{'_'.join(map(str, templates))}")
+                               f"shapes-train-s{args.data_seed}-{args.pn}-{'_'.join(map(str, templates))}{two}")
             sampler = D.TemplateBatchSampler(pool.groups, args.batch_size, args.seed, dist.rank, dist.world)
         if args.eval_samples:
             eval_pool = cached_pool(heldout, args.eval_samples, vae, args.vae, device, dist, Path(args.cache_dir),

@@ -62,7 +62,7 @@ train_transformer() {  # OUT, THREADS, CORE (or ''), extra args...
     --text-encoder "$RUN/text_encoder_init" --create-text-encoder --pretrain-text-steps "$T5_STEPS" \
     --train-text-encoder --text-lr-mult 0.3 --t5-width 128 \
     --depth 4 --width 128 --heads 2 --block-chunks 2 --name infinity_tiny_shapes \
-    --batch-size 8 --steps "$T_STEPS" --max-minutes "$T_MINUTES" --lr 1e-3 --warmup-steps 100 \
+    --batch-size 8 --steps "$T_STEPS" --max-minutes "$T_MINUTES" --lr 1e-3 --warmup-steps 100 --two-object-fraction 0.45 \
     --lr-schedule linear-decay --feature-cache 2000 --cache-dir "$RUN/cache" \
     --eval-every 500 --ckpt-every 250 --log-every 25 --eval-samples 64 "$@" > "$out.log" 2>&1
   mkdir -p "$out"; touch "$out/done"

@@ -356,4 +356,10 @@ def test_caption_parsing_pretraining_teaches_the_t5_to_read_captions(tmp_path):
     assert len(lab) == len(TP.FIELDS) and lab[:2] == [D.COLOUR_NAMES.index("blue"), 1]
     assert lab[2:6] == [D.COLOUR_NAMES.index("red"), D.SHAPES.index("star"), D.SIZES.index("small"),
                         D.POSITIONS.index("left")]
+    # and per position the object there (what a picture token at that position must find in the text)
+    at = TP.position_labels(sc)
+    assert len(at) == len(TP.AT_FIELDS) == 3 * len(D.POSITIONS)
+    left, top = 3 * D.POSITIONS.index("left"), 3 * D.POSITIONS.index("top")
+    assert at[left:left + 3] == [D.COLOUR_NAMES.index("red"), D.SHAPES.index("star"), D.SIZES.index("small")]
+    assert at[top:top + 3] == [len(D.COLOUR_NAMES), len(D.SHAPES), len(D.SIZES)]  # nothing at the top
 

@@ -143,6 +143,7 @@ def pretrain_caption_parsing(enc, steps: int = 1500, batch_size: int = 64, lr: f
             log(f"  caption parsing step {step:5d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     train_check = [D.sample_scene(rng, "train") for _ in range(512)]
     out = {"steps": steps, "seconds": time.time() - t0, "first_loss": first_loss, "loss": loss.item(),
+           "position_read": True,  # the per-position attention read (AT_FIELDS) was trained and is scored
            "train_parse_acc": parse_accuracy(model, heads, enc, train_check, device),
            "heldout_parse_acc": parse_accuracy(model, heads, enc, heldout, device)}
     model.requires_grad_(False).eval()

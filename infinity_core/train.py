@@ -896,6 +896,8 @@ def train(args) -> dict:
                "cpu_seconds": time.process_time(),
                "train_seconds": time.time() - t_loop, "samples_seen": seen, "params": nparams,
                "config": _plain(dataclasses.asdict(cfg)), "lr": lr, "eval": last_eval,
+               "data": {"source": args.data, "two_object_fraction": args.two_object_fraction,
+                        "feature_cache": args.feature_cache},
                "out": str(out)}
     if dist.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -52,10 +52,14 @@ def card(run: Path, bundle: Path) -> str:
     vae_log = read_jsonl(run / "vae" / "log.jsonl")
     dec_sum = read_jsonl(run / "vae_decoder" / "eval.jsonl")
     dec_log = read_jsonl(run / "vae_decoder" / "log.jsonl")
-    t_sum = read_json(run / "transformer" / "summary.json")
+    shipped = read_json(run / "eval" / "shipped.json")
+    ship = shipped.get("model", "transformer")  # runs from before the selection shipped the BSC run
+    bsc_sum = read_json(run / "transformer" / "summary.json")
     nb_sum = read_json(run / "transformer_no_bsc" / "summary.json")
-    ev = read_json(run / "eval" / "transformer.json")
-    ev_nb = read_json(run / "eval" / "transformer_no_bsc.json")
+    t_sum = nb_sum if ship == "transformer_no_bsc" else bsc_sum
+    ev_by = {m: read_json(run / "eval" / f"{m}.json") for m in ("transformer", "transformer_no_bsc")}
+    ev = ev_by[ship]
+    ship_label = "without self-correction" if ship == "transformer_no_bsc" else "with self-correction"
     defaults = read_json(bundle / "defaults.json")
     vcfg = read_json(run / "vae" / "summary.json").get("config", {})
     sizes = {p.name: p.stat().st_size for p in bundle.rglob("*") if p.is_file()}
@@ -77,7 +81,9 @@ def card(run: Path, bundle: Path) -> str:
              "squares, triangles or stars in 8 colours, small or large, on the left/right/top/bottom/centre, "
              "on a background colour, captioned in plain English (\"a small red circle on the left, blue "
              "background\"). Objects whose (shape, colour, background) satisfy the held-out rule never "
-             "appear in training; every evaluation prompt is such an unseen combination.", "",
+             "appear in training; every evaluation prompt is such an unseen combination."
+             + (f" {pct(two)} of the training scenes have two objects (the evaluation's prompts: 40%)."
+                if (two := t_sum.get("data", {}).get("two_object_fraction")) is not None else ""), "",
              "## Configuration", "",
              f"- transformer: depth {cfg.get('depth')}, width {cfg.get('width')}, heads {cfg.get('num_heads')}, "
              f"{cfg.get('vae_bits')} bits per token, text width {cfg.get('text_channels')}; "
@@ -94,7 +100,11 @@ def card(run: Path, bundle: Path) -> str:
              "- text encoder: T5 encoder, d_model 128, sentencepiece tokenizer trained on the caption vocabulary"
              + (f"; pretrained on caption parsing before the transformer (text only, training-split captions: "
                 f"from the mean of its features, linear heads read the background colour, the number of objects "
-                f"and each object's colour, shape, size and position; {t5_pre['steps']} steps, "
+                f"and each object's colour, shape, size and position"
+                + ("; and one learned attention query per position reads the colour, shape and size of the "
+                   "object at that position from its tokens, as the transformer's cross-attention must"
+                   if t5_pre.get("position_read") else "")
+                + f"; {t5_pre['steps']} steps, "
                 f"{t5_pre['seconds'] / 60:.1f} min; every field right on {pct(t5_pre['heldout_parse_acc'])} of "
                 f"held-out captions), then fine-tuned with the transformer at 0.3x its learning rate. This "
                 f"stands in for flan-t5's language pretraining: trained only through the image loss from random "
@@ -111,9 +121,15 @@ def card(run: Path, bundle: Path) -> str:
              f"- VAE decoder sharpened on whole 256 px pictures with the encoder frozen (so the bits the "
              f"transformer learned stay the same): {dec_log[-1]['step'] + 1} steps in {dec_minutes:.1f} min; "
              f"held-out PSNR {dec_sum[-1]['psnr']:.2f} dB" if dec_log and dec_sum else "- VAE decoder: not sharpened",
-             f"- transformer (with bitwise self-correction): {t_sum.get('steps')} steps, "
-             f"{t_sum.get('samples_seen')} samples, {t_minutes:.1f} min (one core; the ablation run "
-             "without self-correction trained at the same time on the other core)",
+             f"- transformer ({ship_label}): {t_sum.get('steps')} steps, "
+             f"{t_sum.get('samples_seen')} samples, {t_minutes:.1f} min (one core; the run "
+             f"{'with' if ship == 'transformer_no_bsc' else 'without'} self-correction trained at the same time "
+             "on the other core, same data and seed)"
+             + (f"; of the two, the bundle ships the one whose sampling settings scored best on a separate "
+                f"validation set (40 held-out prompts of prompt seed 1, selection score = mean of colour, shape, "
+                f"position and counting: "
+                + ", ".join(f"{'with' if m == 'transformer' else 'without'} self-correction {v:.3f}"
+                            for m, v in shipped["selection_scores"].items()) + ")" if shipped else ""),
              f"- T5 caption parsing, and the VAE features of the 2000 training pictures and the held-out set "
              f"computed once for both transformer runs: {cache_minutes:.1f} min",
              f"- training time of the bundled model, VAE + T5 and features + transformer + decoder: "
@@ -124,15 +140,18 @@ def card(run: Path, bundle: Path) -> str:
     if ev:
         m = ev["metrics"]
         lines += [f"{len(ev.get('per_prompt', []))} held-out prompts (prompt seed {ev.get('prompt_seed')}), "
-                  f"settings {json.dumps(ev.get('settings'))}:", "",
-                  "| | colour | background | object colour | shape | position | counting | size | all correct |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for name, e in (("with self-correction (bundled)", ev), ("without self-correction", ev_nb)):
+                  "each model at its own settings (chosen on the validation set):", "",
+                  "| | settings | colour | background | object colour | shape | position | counting | size | all correct |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for run_name, e in ev_by.items():
             if e:
                 mm = e["metrics"]
-                lines.append(f"| {name} | " + " | ".join(pct(mm.get(k)) for k in (
-                    "colour", "background", "object_colour", "shape", "position", "counting", "size", "overall"))
-                    + " |")
+                name = ("with" if run_name == "transformer" else "without") + " self-correction" + (
+                    " (bundled)" if run_name == ship else "")
+                st = e.get("settings", {})
+                lines.append(f"| {name} | cfg {st.get('cfg')}, tau {st.get('tau')} | " + " | ".join(
+                    pct(mm.get(k)) for k in ("colour", "background", "object_colour", "shape", "position",
+                                             "counting", "size", "overall")) + " |")
         lines += ["", "Targets: colour >= 90%, shape >= 80%, position >= 80%: "
                   + ", ".join(f"{k} {'met' if m[k] >= v else 'NOT met'}"
                               for k, v in (("colour", .9), ("shape", .8), ("position", .8))), ""]
@@ -154,9 +173,9 @@ def card(run: Path, bundle: Path) -> str:
                 r = bit_acc_row(rows, kind)
                 if r:
                     lines.append(f"| {label} | {name} | " + " | ".join(f"{a:.3f}" for a in r) + " |")
-        lines.append(f"\nSame wall-clock budget ({(t_sum.get('seconds') or 0) / 60:.1f} and "
+        lines.append(f"\nSame wall-clock budget ({(bsc_sum.get('seconds') or 0) / 60:.1f} and "
                      f"{(nb_sum.get('seconds') or 0) / 60:.1f} min, one core each, side by side): "
-                     f"{t_sum.get('steps')} steps with BSC (it re-quantises the corrupted features, so its "
+                     f"{bsc_sum.get('steps')} steps with BSC (it re-quantises the corrupted features, so its "
                      f"steps cost more), {nb_sum.get('steps')} without.")
         lines.append("")
     rec = (dec_sum or vae_sum or [{}])[-1].get("analyzer", {})

@@ -129,8 +129,12 @@ def ceiling(run, top: int) -> dict:
                      "flops": n * flops_of(func, args, kwargs),
                      "shapes": [a[1] for a in args[1] if isinstance(a, tuple) and a and a[0] == "T"]})
     kern_s, flops = sum(r["seconds"] for r in rows), sum(r["flops"] for r in rows)
+    by_op = defaultdict(lambda: [0.0, 0])  # op -> [seconds, flops]
+    for r in rows:
+        by_op[r["op"]][0] += r["seconds"]
+        by_op[r["op"]][1] += r["flops"]
     rows.sort(key=lambda r: -r["seconds"])
-    return {"actual_s": actual, "kernel_s": kern_s, "flops": flops, "rows": rows[:top]}
+    return {"actual_s": actual, "kernel_s": kern_s, "flops": flops, "rows": rows[:top], "by_op": dict(by_op)}
 
 
 def run_case(name: str, cfg: float, top: int) -> dict:
@@ -149,6 +153,9 @@ def run_case(name: str, cfg: float, top: int) -> dict:
             "achieved_frac": round(c["flops"] / c["actual_s"] / 1e9 / rate, 3),
             "kernel_ceiling_frac": round(c["flops"] / c["kernel_s"] / 1e9 / rate, 3),
             "kernel_share_of_time": round(c["kernel_s"] / c["actual_s"], 3),
+            "by_op": {op: {"s": round(sec, 3), "share_of_flops": round(fl / c["flops"], 3),
+                           "frac_of_matmul": round(fl / max(sec, 1e-9) / 1e9 / rate, 3)}
+                      for op, (sec, fl) in c["by_op"].items()},
             "slowest_kernels": [{"op": r["op"], "calls": r["count"], "s": round(r["seconds"], 3),
                                  "frac_of_matmul": round(r["flops"] / max(r["seconds"], 1e-9) / 1e9 / rate, 3),
                                  "shapes": r["shapes"]} for r in c["rows"]],

@@ -160,7 +160,7 @@ SPECS = [
          {"transformer": BUNDLED, "vae": "auto", "weight_dtype": "auto", "attention": "auto"},
          {"text_encoder": BUNDLED, "dtype": "auto"},
          "a small red circle on the left, blue background",
-         _schedule(tier="0.06M"), _sampler(42, cfg=2.0, tau=1.0), "Infinity/t2i_bundled"),
+         _schedule(tier="0.06M"), _sampler(42, cfg=2.0, tau=0.5), "Infinity/t2i_bundled"),
     _t2i("infinity_2b_t2i_1024", "Infinity 2B: text to image, 1024x1024",
          "Infinity 2B at 1024x1024 (13 scales) with the official settings of its notebook (cfg 3, tau 0.5). "
          + WEIGHTS_2B,
@@ -196,7 +196,7 @@ SPECS = [
           {"transformer": BUNDLED, "vae": "auto", "weight_dtype": "auto", "attention": "auto"},
           {"text_encoder": BUNDLED, "dtype": "auto"},
           "a large green circle on the left, blue background", EDIT_SOURCE,
-          _edit_settings(42, keep_scales=-1, strength=0.5, cfg=2.0), "Infinity/edit_bundled"),
+          _edit_settings(42, keep_scales=-1, strength=0.5, cfg=2.0, tau=0.5), "Infinity/edit_bundled"),
 ]
 
 COLUMNS = {1: (40, 60), 2: (40, 330), 3: (440, 330), 4: (440, 60), 5: (860, 60), 6: (1260, 60), 7: (1260, 220),

@@ -16,7 +16,10 @@ The second read is what the transformer's cross-attention must do: a token of th
 at the top has to find the colour and shape of the object "at the top" among the caption's tokens.
 The mean alone can be decoded without the tokens of an object phrase saying where that object is
 (the first bundled models painted both objects of "a green star at the top and a white square at
-the bottom" in one colour); the position-keyed read teaches each phrase's tokens to carry it.
+the bottom" in one colour); the position-keyed read teaches each phrase's tokens to carry it. It
+helped the bundle's colour, position and counting (MODEL_CARD.md, README), but the transformer
+trained on it still gives both objects one colour in most two-colour scenes: the T5 now offers the
+binding, the transformer has yet to learn to use it at this budget.
 
 It trains on the captions of the *training* split only (held-out combinations stay unseen, text
 included) and reports its parsing accuracy on held-out captions, i.e. whether it generalises to the

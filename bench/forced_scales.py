@@ -29,6 +29,12 @@ from infinity_core import schedules as S  # noqa: E402
 from infinity_core import shapes_eval as E  # noqa: E402
 
 
+def encode_scene(pipe, scene, schedule) -> EDIT.SourceEncoding:
+    """The nominal picture of `scene` (no jitter) and its bits of every scale."""
+    img = D.to_model_image(D.render_scene(scene))[None]                     # [1, 3, 256, 256]
+    return EDIT.encode_source(pipe.vae, img, schedule, pipe.transformer.cfg.patchify)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model-dir", default=str(E.DEFAULT_MODEL_DIR))
@@ -47,8 +53,7 @@ def main(argv=None) -> int:
     for k in (int(x) for x in args.ks.split(",")):
         t0, rows = time.time(), []
         for i, scene in enumerate(scenes):
-            img = D.to_model_image(D.render_scene(scene))[None]                 # [1, 3, 256, 256]
-            src = EDIT.encode_source(pipe.vae, img, schedule, pipe.transformer.cfg.patchify)
+            src = encode_scene(pipe, scene, schedule)
             cond = pipe.encode_prompts([scene.caption()])
             res = EDIT.edit(pipe.transformer, src, cond.kv_compact, cond.cu_seqlens, k, seed=i, **settings)
             rows.append(E.score(scene, E.analyze(E.to_uint8(pipe.decode(res.summed_codes)[0]))))
@@ -66,8 +71,7 @@ def shape_word_table(pipe, settings, schedule) -> None:
     print("last-scale bits equal to the picture's, picture shape (rows) x caption shape (columns):")
     print(" " * 10 + "".join(f"{w:>10}" for w in D.SHAPES))
     for shape in D.SHAPES:
-        img = D.to_model_image(D.render_scene(scene(shape)))[None]                  # [1, 3, 256, 256]
-        src = EDIT.encode_source(pipe.vae, img, schedule, pipe.transformer.cfg.patchify)
+        src = encode_scene(pipe, scene(shape), schedule)
         row = []
         for word in D.SHAPES:
             cond = pipe.encode_prompts([scene(word).caption()])

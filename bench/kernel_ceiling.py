@@ -90,27 +90,22 @@ def _nbytes(spec) -> int:
     return 0
 
 
-def replay_seconds(func, arg_specs, kwarg_specs, reps: int = 5) -> float:
-    """Median seconds of one call on fresh tensors of the recorded layout, rotating over enough
-    copies that the operands come from memory, not cache."""
+def replay(func, arg_specs, kwarg_specs, reps: int = 5) -> tuple[float, int]:
+    """(median seconds, FLOPs) of one call on fresh tensors of the recorded layout, rotating over
+    enough copies that the operands come from memory, not cache. The FLOPs are counted on the
+    untimed warm-up call."""
     copies = max(1, min(8, math.ceil(STREAM_BYTES / max(1, _nbytes(arg_specs)))))
     sets = [(_make(arg_specs), {k: _make(v) for k, v in kwarg_specs}) for _ in range(copies)]
     with torch.inference_mode():
-        func(*sets[0][0], **sets[0][1])  # warm-up (oneDNN primitive creation)
+        with FlopCounterMode(display=False) as fc:
+            func(*sets[0][0], **sets[0][1])  # warm-up (oneDNN primitive creation)
         times = []
         for i in range(max(reps, copies)):
             a, kw = sets[i % copies]
             t = time.perf_counter()
             func(*a, **kw)
             times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
-
-
-def flops_of(func, arg_specs, kwarg_specs) -> int:
-    a, kw = _make(arg_specs), {k: _make(v) for k, v in kwarg_specs}
-    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
-        func(*a, **kw)
-    return fc.get_total_flops()
+    return sorted(times)[len(times) // 2], fc.get_total_flops()
 
 
 def ceiling(run, top: int) -> dict:
@@ -124,9 +119,8 @@ def ceiling(run, top: int) -> dict:
     actual = time.perf_counter() - t
     rows = []
     for (func, args, kwargs), n in rec.calls.items():
-        s = replay_seconds(func, args, kwargs)
-        rows.append({"op": str(func.overloadpacket.__name__), "count": n, "seconds": n * s,
-                     "flops": n * flops_of(func, args, kwargs),
+        s, flops = replay(func, args, kwargs)
+        rows.append({"op": str(func.overloadpacket.__name__), "count": n, "seconds": n * s, "flops": n * flops,
                      "shapes": [a[1] for a in args[1] if isinstance(a, tuple) and a and a[0] == "T"]})
     kern_s, flops = sum(r["seconds"] for r in rows), sum(r["flops"] for r in rows)
     by_op = defaultdict(lambda: [0.0, 0])  # op -> [seconds, flops]

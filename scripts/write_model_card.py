@@ -47,6 +47,10 @@ def stage_minutes(stages_log: Path, start: str, end: str) -> float:
     return (stamps[end] - stamps[start]).total_seconds() / 60 if len(stamps) == 2 else 0.0
 
 
+# the two transformer runs of train_bundled.sh: run folder -> what it is
+RUN_LABEL = {"transformer": "with self-correction", "transformer_no_bsc": "without self-correction"}
+
+
 def card(run: Path, bundle: Path) -> str:
     vae_sum = read_jsonl(run / "vae" / "eval.jsonl")
     vae_log = read_jsonl(run / "vae" / "log.jsonl")
@@ -54,12 +58,11 @@ def card(run: Path, bundle: Path) -> str:
     dec_log = read_jsonl(run / "vae_decoder" / "log.jsonl")
     shipped = read_json(run / "eval" / "shipped.json")
     ship = shipped.get("model", "transformer")  # runs from before the selection shipped the BSC run
-    bsc_sum = read_json(run / "transformer" / "summary.json")
-    nb_sum = read_json(run / "transformer_no_bsc" / "summary.json")
-    t_sum = nb_sum if ship == "transformer_no_bsc" else bsc_sum
-    ev_by = {m: read_json(run / "eval" / f"{m}.json") for m in ("transformer", "transformer_no_bsc")}
+    sums = {m: read_json(run / m / "summary.json") for m in RUN_LABEL}
+    bsc_sum, nb_sum, t_sum = sums["transformer"], sums["transformer_no_bsc"], sums[ship]
+    ev_by = {m: read_json(run / "eval" / f"{m}.json") for m in RUN_LABEL}
     ev = ev_by[ship]
-    ship_label = "without self-correction" if ship == "transformer_no_bsc" else "with self-correction"
+    other = next(m for m in RUN_LABEL if m != ship)
     defaults = read_json(bundle / "defaults.json")
     vcfg = read_json(run / "vae" / "summary.json").get("config", {})
     sizes = {p.name: p.stat().st_size for p in bundle.rglob("*") if p.is_file()}
@@ -121,15 +124,14 @@ def card(run: Path, bundle: Path) -> str:
              f"- VAE decoder sharpened on whole 256 px pictures with the encoder frozen (so the bits the "
              f"transformer learned stay the same): {dec_log[-1]['step'] + 1} steps in {dec_minutes:.1f} min; "
              f"held-out PSNR {dec_sum[-1]['psnr']:.2f} dB" if dec_log and dec_sum else "- VAE decoder: not sharpened",
-             f"- transformer ({ship_label}): {t_sum.get('steps')} steps, "
+             f"- transformer ({RUN_LABEL[ship]}): {t_sum.get('steps')} steps, "
              f"{t_sum.get('samples_seen')} samples, {t_minutes:.1f} min (one core; the run "
-             f"{'with' if ship == 'transformer_no_bsc' else 'without'} self-correction trained at the same time "
-             "on the other core, same data and seed)"
+             f"{RUN_LABEL[other]} trained at the same time on the other core, same data and seed)"
              + (f"; of the two, the bundle ships the one whose sampling settings scored best on a separate "
                 f"validation set (40 held-out prompts of prompt seed 1, selection score = mean of colour, shape, "
                 f"position and counting: "
-                + ", ".join(f"{'with' if m == 'transformer' else 'without'} self-correction {v:.3f}"
-                            for m, v in shipped["selection_scores"].items()) + ")" if shipped else ""),
+                + ", ".join(f"{RUN_LABEL[m]} {v:.3f}" for m, v in shipped["selection_scores"].items()) + ")"
+                if shipped else ""),
              f"- T5 caption parsing, and the VAE features of the 2000 training pictures and the held-out set "
              f"computed once for both transformer runs: {cache_minutes:.1f} min",
              f"- training time of the bundled model, VAE + T5 and features + transformer + decoder: "
@@ -146,8 +148,7 @@ def card(run: Path, bundle: Path) -> str:
         for run_name, e in ev_by.items():
             if e:
                 mm = e["metrics"]
-                name = ("with" if run_name == "transformer" else "without") + " self-correction" + (
-                    " (bundled)" if run_name == ship else "")
+                name = RUN_LABEL[run_name] + (" (bundled)" if run_name == ship else "")
                 st = e.get("settings", {})
                 lines.append(f"| {name} | cfg {st.get('cfg')}, tau {st.get('tau')} | " + " | ".join(
                     pct(mm.get(k)) for k in ("colour", "background", "object_colour", "shape", "position",

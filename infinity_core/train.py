@@ -897,7 +897,8 @@ def train(args) -> dict:
                "train_seconds": time.time() - t_loop, "samples_seen": seen, "params": nparams,
                "config": _plain(dataclasses.asdict(cfg)), "lr": lr, "eval": last_eval,
                "data": {"source": args.data, "two_object_fraction": args.two_object_fraction,
-                        "feature_cache": args.feature_cache},
+                        "feature_cache": args.feature_cache,
+                        **({"size_radius": dict(D.SIZE_RADIUS)} if args.data == "shapes" else {})},
                "out": str(out)}
     if dist.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -36,15 +36,31 @@ def bit_acc_row(eval_rows: list[dict], kind: str = "clean") -> list[float]:
     return next((v for k, v in row.items() if k != "loss"), [])
 
 
+def samples_trained(t_sum: dict):
+    """Samples over the whole run: a resumed run's summary counts those of its last process only
+    (samples_seen over steps - start), so scale to all steps."""
+    done = (t_sum.get("steps") or 0) - (t_sum.get("start") or 0)
+    return round(t_sum["samples_seen"] * t_sum["steps"] / done) if done > 0 and "samples_seen" in t_sum else "n/a"
+
+
+def radius_text(t_sum: dict) -> str:
+    """The objects' base radii the run trained on (runs before the field was recorded used 0.105 / 0.17)."""
+    r = t_sum.get("data", {}).get("size_radius", {"small": 0.105, "large": 0.17})
+    return f"{r['small']:g} / {r['large']:g} of the picture's side"
+
+
 def stage_minutes(stages_log: Path, start: str, end: str) -> float:
-    """Minutes between the last log lines of stages.log containing `start` and `end` (0 if absent)."""
+    """Minutes from the first line of stages.log containing `start` to the first line after it containing
+    `end` (0 if absent). First occurrences: a stage restarted after an interruption logs its start again."""
     import datetime as dt
-    stamps = {}
+    t0 = None
     for line in (stages_log.read_text().splitlines() if stages_log.is_file() else []):
-        for key in (start, end):
-            if key in line:
-                stamps[key] = dt.datetime.strptime(line[1:21], "%Y-%m-%dT%H:%M:%SZ")
-    return (stamps[end] - stamps[start]).total_seconds() / 60 if len(stamps) == 2 else 0.0
+        stamp = dt.datetime.strptime(line[1:21], "%Y-%m-%dT%H:%M:%SZ") if line.startswith("[") else None
+        if t0 is None and start in line:
+            t0 = stamp
+        elif t0 is not None and end in line:
+            return (stamp - t0).total_seconds() / 60
+    return 0.0
 
 
 # the two transformer runs of train_bundled.sh: run folder -> what it is
@@ -69,7 +85,9 @@ def card(run: Path, bundle: Path) -> str:
     total_mb = sum(sizes.values()) / 1e6
     vae_minutes = vae_log[-1]["elapsed_min"] if vae_log else None
     dec_minutes = dec_log[-1]["elapsed_min"] if dec_log else 0.0
-    t_minutes = (t_sum.get("seconds") or 0) / 60
+    # the transformer stage's wall-clock time (both runs side by side; a run resumed after an
+    # interruption has per-process seconds in its summary, the stage log spans the whole stage)
+    t_minutes = stage_minutes(run / "stages.log", "stage 2:", "stages 2-3 done") or (t_sum.get("seconds") or 0) / 60
     cache_minutes = stage_minutes(run / "stages.log", "stage 2a:", "stage 2:")
     cfg = t_sum.get("config", {})
     t5_pre = read_json(run / "text_encoder_init" / "pretrain.json")
@@ -81,7 +99,8 @@ def card(run: Path, bundle: Path) -> str:
              "repository's synthetic shapes data by `./scripts/train_bundled.sh`.", "",
              "## Data", "",
              "`infinity_core.data.SyntheticShapes` (seed 0): 256x256 pictures of one or two upright circles, "
-             "squares, triangles or stars in 8 colours, small or large, on the left/right/top/bottom/centre, "
+             "squares, triangles or stars in 8 colours, small or large (base radius "
+             f"{radius_text(t_sum)}), on the left/right/top/bottom/centre, "
              "on a background colour, captioned in plain English (\"a small red circle on the left, blue "
              "background\"). Objects whose (shape, colour, background) satisfy the held-out rule never "
              "appear in training; every evaluation prompt is such an unseen combination."
@@ -125,7 +144,7 @@ def card(run: Path, bundle: Path) -> str:
              f"transformer learned stay the same): {dec_log[-1]['step'] + 1} steps in {dec_minutes:.1f} min; "
              f"held-out PSNR {dec_sum[-1]['psnr']:.2f} dB" if dec_log and dec_sum else "- VAE decoder: not sharpened",
              f"- transformer ({RUN_LABEL[ship]}): {t_sum.get('steps')} steps, "
-             f"{t_sum.get('samples_seen')} samples, {t_minutes:.1f} min (one core; the run "
+             f"{samples_trained(t_sum)} samples, {t_minutes:.1f} min (one core; the run "
              f"{RUN_LABEL[other]} trained at the same time on the other core, same data and seed)"
              + (f"; of the two, the bundle ships the one whose sampling settings scored best on a separate "
                 f"validation set (40 held-out prompts of prompt seed 1, selection score = mean of colour, shape, "
@@ -174,8 +193,7 @@ def card(run: Path, bundle: Path) -> str:
                 r = bit_acc_row(rows, kind)
                 if r:
                     lines.append(f"| {label} | {name} | " + " | ".join(f"{a:.3f}" for a in r) + " |")
-        lines.append(f"\nSame wall-clock budget ({(bsc_sum.get('seconds') or 0) / 60:.1f} and "
-                     f"{(nb_sum.get('seconds') or 0) / 60:.1f} min, one core each, side by side): "
+        lines.append(f"\nSame wall-clock budget ({t_minutes:.1f} min, one core each, side by side): "
                      f"{bsc_sum.get('steps')} steps with BSC (it re-quantises the corrupted features, so its "
                      f"steps cost more), {nb_sum.get('steps')} without.")
         lines.append("")

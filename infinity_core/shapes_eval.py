@@ -14,8 +14,9 @@ Analyzer (pure numpy/PIL, no learned parts, same answer on every machine):
      least MIN_AREA_FRAC of the picture are the objects (count = how many);
   3. per object: colour = nearest palette colour of the median of its pixels after a 2-pixel erosion
      (anti-aliased rims excluded); shape = the shape whose ideal upright outline, scaled to the
-     object's area and centred on its centroid, has the highest IoU with the object's mask; position = centre if the box centre lies
-     within CENTRE_BOX of the middle on both axes, else left/right/top/bottom by the larger offset;
+     object's area and centred on its centroid, has the highest IoU with the object's mask;
+     position = centre if the box centre lies within CENTRE_BOX of the middle on both axes, else
+     left/right/top/bottom by the larger offset;
      size = small/large by the box size relative to the nominal radii.
 Scoring: objects of the prompt are matched to the largest components (two objects: the assignment
 with the smaller total distance to the prompted positions). Per prompt: colour = every object colour

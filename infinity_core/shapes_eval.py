@@ -145,16 +145,15 @@ def _unit_shape(shape: str) -> tuple[float, float, float]:
     return len(xs) / s ** 2, (xs.mean() + 0.5) / s, (ys.mean() + 0.5) / s
 
 
-def _fitted_template(shape: str, mask: np.ndarray) -> np.ndarray:
-    """The shape's ideal upright outline with the mask's area, centred on the mask's centroid (bool
-    mask of the same size, drawn at 4x and box-filtered like the renderer)."""
-    H, W = mask.shape
-    ys, xs = np.nonzero(mask)
+def _fitted_template(shape: str, hw: tuple[int, int], area: int, cx: float, cy: float) -> np.ndarray:
+    """The shape's ideal upright outline of the given area (pixels), centred on (cx, cy): a bool mask
+    of size hw, drawn at 4x and box-filtered like the renderer."""
+    H, W = hw
     fill, ux, uy = _unit_shape(shape)
     hx, hy = D._half_extent(shape)
-    r = math.sqrt(len(xs) / (fill * 4 * hx * hy))       # base radius giving the mask's area
+    r = math.sqrt(area / (fill * 4 * hx * hy))          # base radius giving that area
     w, h = 2 * hx * r, 2 * hy * r
-    x0, y0 = xs.mean() + 0.5 - ux * w, ys.mean() + 0.5 - uy * h
+    x0, y0 = cx + 0.5 - ux * w, cy + 0.5 - uy * h
     ss = 4
     img = Image.new("L", (W * ss, H * ss), 0)
     D.draw_shape(ImageDraw.Draw(img), shape, (x0 * ss, y0 * ss, (x0 + w) * ss, (y0 + h) * ss), 255)
@@ -172,9 +171,10 @@ def classify_shape(mask: np.ndarray) -> tuple[str, dict]:
     pad = max(y1 - y0, x1 - x0)                         # room for a template larger than the box
     Y0, X0 = max(0, y0 - pad), max(0, x0 - pad)
     crop = mask[Y0:y1 + pad, X0:x1 + pad]
+    area, cx, cy = len(xs), xs.mean() - X0, ys.mean() - Y0  # the fit, once for every shape (crop coordinates)
     scores = {}
     for shape in D.SHAPES:
-        t = _fitted_template(shape, crop)
+        t = _fitted_template(shape, crop.shape, area, cx, cy)
         inter, union = np.logical_and(t, crop).sum(), np.logical_or(t, crop).sum()
         scores[shape] = float(inter / union) if union else 0.0
     return max(scores, key=scores.get), scores
